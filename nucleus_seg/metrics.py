@@ -8,14 +8,14 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/metrics.html.md"""
 __all__ = ['THRESHOLDS', 'iou_pairs', 'iou_matrix', 'threshold_scores', 'dsb_score', 'matching_stats', 'image_report',
            'image_scores', 'dataset_score']
 
-# %% ../nbs/02_metrics.ipynb #759260bb
+# %% ../nbs/02_metrics.ipynb #f743c047
 import numpy as np
 from pathlib import Path
 
-# %% ../nbs/02_metrics.ipynb #05814779
+# %% ../nbs/02_metrics.ipynb #b38d21ea
 THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 
-# %% ../nbs/02_metrics.ipynb #5a9d6169
+# %% ../nbs/02_metrics.ipynb #ba3c82b1
 def _check_labels(y_true, y_pred):
     "Validate two label images and return them as flat int64 arrays."
     y_true,y_pred = np.asarray(y_true),np.asarray(y_pred)
@@ -25,7 +25,7 @@ def _check_labels(y_true, y_pred):
         if a.size and a.min() < 0: raise ValueError(f"{n} has negative labels")
     return y_true.ravel().astype(np.int64), y_pred.ravel().astype(np.int64)
 
-# %% ../nbs/02_metrics.ipynb #35bdeeaf
+# %% ../nbs/02_metrics.ipynb #477b2243
 def iou_pairs(y_true, # integer label image, 0 is background
               y_pred, # integer label image of the same shape
              ):
@@ -44,7 +44,7 @@ def iou_pairs(y_true, # integer label image, 0 is background
     ious = inter / (area_t[ti] + area_p[pi] - inter)
     return ti, pi, ious, np.flatnonzero(area_t[1:])+1, np.flatnonzero(area_p[1:])+1
 
-# %% ../nbs/02_metrics.ipynb #308e36c2
+# %% ../nbs/02_metrics.ipynb #7ebf9cf7
 def iou_matrix(y_true, # integer label image, 0 is background
                y_pred, # integer label image of the same shape
               ) -> np.ndarray:
@@ -54,7 +54,7 @@ def iou_matrix(y_true, # integer label image, 0 is background
     res[ti-1, pi-1] = ious
     return res
 
-# %% ../nbs/02_metrics.ipynb #28f00b9d
+# %% ../nbs/02_metrics.ipynb #ef572e31
 def _score_counts(n_true, n_pred, tp):
     "Per-threshold `TP/(TP+FP+FN)` with the both-empty convention (1.0)."
     denom = n_true + n_pred - tp
@@ -77,7 +77,7 @@ def dsb_score(y_true, # integer label image, 0 is background
     "DSB2018 score of one image: mean over `THRESHOLDS` of `TP/(TP+FP+FN)`."
     return float(threshold_scores(y_true, y_pred).mean())
 
-# %% ../nbs/02_metrics.ipynb #bf92cdf7
+# %% ../nbs/02_metrics.ipynb #d4ce08d5
 def _ratio(num, den, both_empty):
     return float(num/den) if den else (1.0 if both_empty else 0.0)
 
@@ -110,7 +110,7 @@ def matching_stats(y_true, # integer label image, 0 is background
                 f1=_ratio(2*tp, 2*tp+fp+fn, empty), pq=_ratio(sum_iou, tp+fp/2+fn/2, empty),
                 mean_matched_iou=sum_iou/tp if tp else 0.0)
 
-# %% ../nbs/02_metrics.ipynb #f7005ef3
+# %% ../nbs/02_metrics.ipynb #8bf4a450
 def image_report(y_true, # integer label image, 0 is background
                  y_pred, # integer label image of the same shape
                 ) -> dict:
@@ -131,7 +131,7 @@ def image_report(y_true, # integer label image, 0 is background
                 missed=np.setdiff1d(ids_t, ti[hit]), false=np.setdiff1d(ids_p, pi[hit]),
                 split=st[ct>1], merged=mp[cp>1])
 
-# %% ../nbs/02_metrics.ipynb #2779daa7
+# %% ../nbs/02_metrics.ipynb #9d315ffc
 def _read_label_png(fn):
     from PIL import Image
     return np.asarray(Image.open(fn))

@@ -8,12 +8,12 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/rle.html.md"""
 __all__ = ['rle_encode', 'SubmissionError', 'rle_decode', 'label_to_rles', 'write_submission', 'validate_submission',
            'read_submission', 'read_solution']
 
-# %% ../nbs/03_rle.ipynb #a6043447
+# %% ../nbs/03_rle.ipynb #15393f61
 import csv, os, warnings
 import numpy as np
 from pathlib import Path
 
-# %% ../nbs/03_rle.ipynb #f32d3ca1
+# %% ../nbs/03_rle.ipynb #f3466fee
 def rle_encode(mask, # 2D mask; any non-zero pixel is foreground
               ) -> str:
     "Kaggle run-length encoding of a 2D mask: 1-based `start length` pairs, column-major."
@@ -24,11 +24,11 @@ def rle_encode(mask, # 2D mask; any non-zero pixel is foreground
     runs[1::2] -= runs[::2]
     return ' '.join(map(str, runs))
 
-# %% ../nbs/03_rle.ipynb #470575d5
+# %% ../nbs/03_rle.ipynb #8d4ec833
 class SubmissionError(ValueError):
     "A malformed run-length encoding or CSV row; the message names the row and the problem."
 
-# %% ../nbs/03_rle.ipynb #10e09867
+# %% ../nbs/03_rle.ipynb #5ed2db14
 def _runs(rle, n:int):
     "Validated 0-based starts and ends (exclusive) of the runs in `rle` over `n` pixels."
     if rle is None or (isinstance(rle, float) and np.isnan(rle)): rle = ''
@@ -59,7 +59,7 @@ def rle_decode(rle:str, # Kaggle run-length encoding; '' or NaN for an empty mas
     d = np.bincount(starts, minlength=h*w+1) - np.bincount(ends, minlength=h*w+1)
     return (np.cumsum(d[:h*w]) > 0).reshape(w, h).T
 
-# %% ../nbs/03_rle.ipynb #3af6a53a
+# %% ../nbs/03_rle.ipynb #396bfa6f
 def label_to_rles(label, # integer label image, 0 is background
                  ) -> list:
     "One Kaggle run-length encoding per nucleus of a label image, in increasing label order."
@@ -77,26 +77,27 @@ def label_to_rles(label, # integer label image, 0 is background
     pairs = np.column_stack([starts, lengths]).astype(str)
     return [' '.join(p.ravel()) for p in np.split(pairs, cuts)]
 
-# %% ../nbs/03_rle.ipynb #25ad2d05
+# %% ../nbs/03_rle.ipynb #50564d02
 def write_submission(preds:dict, # image id -> integer label image (0 background)
                      fn, # CSV file to write
                     ) -> Path:
     "Write a Kaggle submission `ImageId,EncodedPixels`: one row per nucleus, empty images listed with no pixels."
     fn = Path(fn)
     tmp = fn.with_name(fn.name + '.tmp')
-    with open(tmp, 'w', newline='') as f:
-        wr = csv.writer(f)
-        wr.writerow(['ImageId', 'EncodedPixels'])
-        for image_id,label in preds.items():
-            label = np.asarray(label)
-            if not (np.issubdtype(label.dtype, np.integer) or label.dtype==bool) or label.ndim != 2:
-                raise ValueError(f"prediction for {image_id} must be a 2D integer label image, got {label.dtype} {label.shape}")
-            rles = label_to_rles(label)
-            for r in rles or ['']: wr.writerow([image_id, r])
-    os.replace(tmp, fn)
+    try:
+        with open(tmp, 'w', newline='') as f:
+            wr = csv.writer(f)
+            wr.writerow(['ImageId', 'EncodedPixels'])
+            for image_id,label in preds.items():
+                label = np.asarray(label)
+                if not (np.issubdtype(label.dtype, np.integer) or label.dtype==bool) or label.ndim != 2:
+                    raise ValueError(f"prediction for {image_id} must be a 2D integer label image, got {label.dtype} {label.shape}")
+                for r in label_to_rles(label) or ['']: wr.writerow([image_id, r])
+        os.replace(tmp, fn)
+    finally: tmp.unlink(missing_ok=True)
     return fn
 
-# %% ../nbs/03_rle.ipynb #454990bc
+# %% ../nbs/03_rle.ipynb #5399c616
 def _shape_dict(shapes):
     "`shapes` as a dict image id -> (height, width); accepts a dict or a table with image_id/height/width columns."
     if hasattr(shapes, 'itertuples'): return {r.image_id:(int(r.height), int(r.width)) for r in shapes.itertuples()}
@@ -156,7 +157,7 @@ def read_submission(fn, # submission CSV: ImageId,EncodedPixels
     "Validated submission as a dict image id -> uint16 label image (labels in row order)."
     return _read_labels(fn, _shape_dict(shapes))
 
-# %% ../nbs/03_rle.ipynb #e03148c4
+# %% ../nbs/03_rle.ipynb #5431ba71
 def read_solution(fn, # solution CSV: ImageId,EncodedPixels,Height,Width (extra columns ignored)
                  ) -> dict:
     "Label images, a dict image id -> uint16 label, from a solution CSV with Height and Width columns."

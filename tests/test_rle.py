@@ -104,3 +104,4 @@ def test_write_submission_rejects_non_labels(tmp_path):
     with pytest.raises(ValueError, match='img'): write_submission({'img': np.zeros((2,2,3), np.uint8)}, tmp_path/'s.csv')
     with pytest.raises(ValueError, match='img'): write_submission({'img': np.zeros((2,2))}, tmp_path/'s.csv')
     assert not (tmp_path/'s.csv').exists()
+    assert not (tmp_path/'s.csv.tmp').exists()
