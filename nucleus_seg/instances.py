@@ -94,7 +94,7 @@ def probs_to_instances(probs, # softmax probabilities (C,H,W): C=2 (bg, nucleus)
                        interior_thresh:float=0.5, # watershed markers where probs[1] exceeds this (C==3)
                        min_size:int=15, # instances with fewer pixels are removed
                        fill_holes:bool=True, # fill holes inside instances
-                       outer_boundary:bool=True, # C==3: the boundary class is an outer ring (`classes3`); drop it
+                       outer_boundary:bool=False, # C==3: the boundary class is a ring outside each nucleus; drop it
                        min_distance:int=4, # C==2 watershed: minimum distance between distance-transform peaks
                       ) -> np.ndarray:
     "Label image (uint16, 1..N, no overlaps) from network softmax probabilities."
