@@ -1,1 +1,5 @@
 "Everything public in `nucleus_seg`, as `fastai.vision.all` gathers fastai: `from nucleus_seg.all import *`."
+from .data import *
+from .instances import *
+from .metrics import *
+from .rle import *
