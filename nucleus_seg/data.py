@@ -10,7 +10,7 @@ __all__ = ['BBBC038_URL', 'DSB_FILES', 'MODALITIES', 'TARGET_CODES', 'CACHE_VERS
            'dsb_cache', 'read_label', 'prepare_dsb', 'instance_target', 'ReadDSBImage', 'ReadDSBTarget',
            'ModalitySplitter', 'dsb_batch_tfms', 'dsb_datablock', 'dsb_dataloaders', 'show_batch']
 
-# %% ../nbs/00_data.ipynb #e9474585
+# %% ../nbs/00_data.ipynb #373cafa6
 import os, io, re, json, shutil, zipfile, hashlib, uuid, warnings
 from pathlib import Path
 import numpy as np, pandas as pd
@@ -20,7 +20,7 @@ from fastdownload import download_url
 from skimage.segmentation import find_boundaries
 from skimage.segmentation import relabel_sequential
 
-# %% ../nbs/00_data.ipynb #ac94e094
+# %% ../nbs/00_data.ipynb #252e1b39
 from fastcore.basics import patch, store_attr
 from plum import dispatch
 from fastai.data.block import DataBlock
@@ -32,7 +32,7 @@ from fastai.data.transforms import Normalize
 from fastai.vision.core import imagenet_stats
 from fastai.torch_core import TensorImage, TensorMask
 
-# %% ../nbs/00_data.ipynb #0b95b754
+# %% ../nbs/00_data.ipynb #85ebfc9a
 BBBC038_URL = 'https://data.broadinstitute.org/bbbc/BBBC038/'
 DSB_FILES = ('stage1_train.zip', 'stage1_test.zip', 'stage1_solution.csv')
 MODALITIES = ('fluorescence', 'brightfield', 'histology')
@@ -44,7 +44,7 @@ class DSBDataError(ValueError):
 class DSBOverlapWarning(UserWarning):
     "Masks of one image overlap; the first mask keeps the shared pixels."
 
-# %% ../nbs/00_data.ipynb #b6874910
+# %% ../nbs/00_data.ipynb #9090385f
 def _default_data(): return Path.home()/'.nucleus_seg'/'data'
 
 def _split_source(p:Path, split:str):
@@ -84,7 +84,7 @@ def dsb_path(path=None, # data folder (or a zip); default `$NUCLEUS_SEG_DATA`, t
     if not p.exists(): raise DSBDataError(f'{p}: data folder does not exist (pass a path, set NUCLEUS_SEG_DATA, or download=True)')
     raise DSBDataError(f'{p}: no stage1_train.zip, stage1_test.zip or extracted stage1_*/ folder found')
 
-# %% ../nbs/00_data.ipynb #764d5ade
+# %% ../nbs/00_data.ipynb #7325e9e0
 def _to_uint8(a:np.ndarray)->np.ndarray:
     "Scale an integer, bool or float array to `uint8` (integers by their effective bit depth)."
     if a.dtype == np.uint8: return a
@@ -137,7 +137,7 @@ def read_image(fn, # path, bytes or array
     except Exception as e: raise DSBDataError(f'{name}: cannot decode image ({type(e).__name__}: {e})') from e
     return _to_rgb(_to_uint8(a), name)
 
-# %% ../nbs/00_data.ipynb #8c60f5ed
+# %% ../nbs/00_data.ipynb #6562519b
 def _as_rgb8(img)->np.ndarray:
     return img if isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3 and img.shape[-1] == 3 else read_image(img)
 
@@ -158,7 +158,7 @@ def normalise_image(img, # image array (anything `read_image` reads)
     out = np.clip((g-plo)/max(phi-plo, 1e-6), 0, 1)*255
     return out.round().astype(np.uint8)[..., None].repeat(3, -1)
 
-# %% ../nbs/00_data.ipynb #a4ad9292
+# %% ../nbs/00_data.ipynb #8095ab0b
 def image_modality(img, # image array (anything `read_image` reads)
                   )->str:
     "Guess the modality of `img`: one of `MODALITIES`."
@@ -166,7 +166,7 @@ def image_modality(img, # image array (anything `read_image` reads)
     if np.abs(np.diff(a, axis=-1)).mean() > 3: return 'histology'
     return 'brightfield' if _bright_background(a.mean(-1)) else 'fluorescence'
 
-# %% ../nbs/00_data.ipynb #9553b881
+# %% ../nbs/00_data.ipynb #46cd0a98
 def read_mask(fn, # path or bytes of a mask PNG
               name:str=None, # name used in error messages
              )->np.ndarray:
@@ -209,8 +209,8 @@ def merge_masks(masks, # binary H×W arrays, one per nucleus
         lbl = relabel_sequential(lbl)[0].astype(np.uint16)
     return lbl
 
-# %% ../nbs/00_data.ipynb #f89a9a19
-CACHE_VERSION = 1
+# %% ../nbs/00_data.ipynb #ca2344c1
+CACHE_VERSION = 2
 _LAYOUT = re.compile(r'^(?:.*/)?([^/]+)/(images|masks)/([^/]+)$')
 
 def dsb_cache(cache=None)->Path:
@@ -257,7 +257,7 @@ class _Source:
             raise DSBDataError(f'{self.name(imgs[bare[0]])}: image without masks ({len(bare)} such images, expected <id>/masks/*.png)')
         return {i: (imgs[i], sorted(masks.get(i, []))) for i in sorted(imgs)}, labelled
 
-# %% ../nbs/00_data.ipynb #de3fb7b3
+# %% ../nbs/00_data.ipynb #df321b9a
 def _atomic_write(fn:Path, write):
     "Call `write(tmp)` then `os.replace(tmp, fn)`."
     tmp = fn.with_name(f'.{fn.name}.{uuid.uuid4().hex[:8]}.tmp')
@@ -279,14 +279,14 @@ def read_label(fn, # path or bytes of a label PNG written by `prepare_dsb`
     if a.ndim != 2: raise DSBDataError(f'{name}: label image has shape {a.shape}, expected H×W')
     return a.astype(np.uint16)
 
-# %% ../nbs/00_data.ipynb #d063a09d
-_COLS = ['image_id', 'image', 'label', 'height', 'width', 'modality', 'n_nuclei']
+# %% ../nbs/00_data.ipynb #1b1b20f8
+_COLS = ['image_id', 'image', 'label', 'height', 'width', 'modality', 'n_nuclei', 'overlap_px']
 
 def _load_index(out:Path)->pd.DataFrame:
     df = pd.read_csv(out/'index.csv', dtype={'image_id': str, 'label': str, 'modality': str})
     df['image'] = [out/p for p in df['image']]
     df['label'] = [out/p if isinstance(p, str) and p else None for p in df['label']]
-    df['n_nuclei'] = df['n_nuclei'].astype('Int64')
+    for c in ('n_nuclei', 'overlap_px'): df[c] = df[c].astype('Int64')
     return df[_COLS]
 
 def _cached(out:Path, fp:dict):
@@ -308,7 +308,7 @@ def _swap_in(tmp:Path, out:Path):
         shutil.rmtree(tmp, ignore_errors=True)
     if old is not None: shutil.rmtree(old, ignore_errors=True)
 
-# %% ../nbs/00_data.ipynb #88d8788d
+# %% ../nbs/00_data.ipynb #d096ed88
 def _build(src:_Source, split:str, tmp:Path, progress:bool=True)->pd.DataFrame:
     "Decode every image of `src` (and merge its masks) into `tmp`; return the index."
     items, labelled = src.items(split)
@@ -320,12 +320,13 @@ def _build(src:_Source, split:str, tmp:Path, progress:bool=True)->pd.DataFrame:
         h, w = img.shape[:2]
         _save_png(img, tmp/'images'/f'{iid}.png')
         row = dict(image_id=iid, image=f'images/{iid}.png', label='', height=h, width=w,
-                   modality=image_modality(img), n_nuclei=None)
+                   modality=image_modality(img), n_nuclei=None, overlap_px=None)
         if labelled:
             masks = [read_mask(src.read(m), name=src.name(m)) for m in mes]
             lbl = merge_masks(masks, [Path(m).name for m in mes], image_id=src.name(ie), shape=(h, w))
             _save_png(lbl, tmp/'labels'/f'{iid}.png')
-            row.update(label=f'labels/{iid}.png', n_nuclei=int(lbl.max()))
+            row.update(label=f'labels/{iid}.png', n_nuclei=int(lbl.max()),
+                       overlap_px=int(sum(m.sum() for m in masks) - (lbl > 0).sum()))
         rows.append(row)
     return pd.DataFrame(rows, columns=_COLS)
 
@@ -352,7 +353,7 @@ def prepare_dsb(path=None, # data folder or zip (see `dsb_path`)
     _swap_in(tmp, out)
     return _load_index(out)
 
-# %% ../nbs/00_data.ipynb #f29fbc36
+# %% ../nbs/00_data.ipynb #13813dd6
 def instance_target(label:np.ndarray, # instance label image (0 background, 1..N)
                     kind:str='classes3', # 'binary' or 'classes3' (see `TARGET_CODES`)
                    )->np.ndarray:
@@ -363,7 +364,7 @@ def instance_target(label:np.ndarray, # instance label image (0 background, 1..N
     if kind == 'classes3': t[find_boundaries(label, mode='inner') & fg] = 2
     return t
 
-# %% ../nbs/00_data.ipynb #63397348
+# %% ../nbs/00_data.ipynb #ed46e2c0
 class ReadDSBImage:
     "Read an index row's cached image as a `PILImage`, normalised when `normalise`."
     def __init__(self, normalise:bool=True): store_attr()
@@ -378,7 +379,7 @@ class ReadDSBTarget:
         store_attr()
     def __call__(self, row): return PILMask.create(instance_target(read_label(row['label']), self.target))
 
-# %% ../nbs/00_data.ipynb #bc6d5c9e
+# %% ../nbs/00_data.ipynb #f706fb8c
 class ModalitySplitter:
     "Split index rows randomly within each modality, `valid_pct` of each to validation."
     def __init__(self, valid_pct:float=0.2, seed:int=42, col:str='modality'): store_attr()
@@ -395,7 +396,7 @@ class ModalitySplitter:
         vs = set(valid)
         return [i for i in range(len(mods)) if i not in vs], valid
 
-# %% ../nbs/00_data.ipynb #f0540988
+# %% ../nbs/00_data.ipynb #fa7cdd4c
 def dsb_batch_tfms(normalise:bool=True, # inputs are normalised grey (no colour augmentation then)
                    max_lighting:float=0.2, # brightness/contrast strength
                   )->list:
@@ -416,7 +417,7 @@ def dsb_datablock(target:str='classes3', # 'binary' or 'classes3'
                      splitter=ModalitySplitter(valid_pct, seed),
                      item_tfms=RandomCrop(crop), batch_tfms=dsb_batch_tfms(normalise))
 
-# %% ../nbs/00_data.ipynb #c67665d0
+# %% ../nbs/00_data.ipynb #b620dd30
 def _modality_subset(df:pd.DataFrame, n:int, seed:int=42)->pd.DataFrame:
     "`n` rows of `df` taken in turn from each modality (random within a modality)."
     rnd = np.random.default_rng(seed).random(len(df))
@@ -450,7 +451,7 @@ def valid_items(self:DataLoaders):
     "Index rows of the validation set."
     return self.valid.items
 
-# %% ../nbs/00_data.ipynb #0077bcfa
+# %% ../nbs/00_data.ipynb #32b3f578
 def _outline(m:np.ndarray)->np.ndarray:
     "Outline pixels of a target: the boundary class if present, else the border of the foreground."
     return (m == 2) if m.max() >= 2 else find_boundaries(m > 0, mode='inner')

@@ -78,12 +78,13 @@ def test_merged_labels_equal_union_of_masks(train_df):
             img_entry, mask_entries = lay[r.image_id]
             assert lbl.dtype == np.uint16 and lbl.shape == (r.height, r.width)
             ref = np.zeros(lbl.shape, np.uint16)
-            overlap = False
+            overlap = 0
             for i, n in enumerate(mask_entries, 1):
                 m = np.asarray(Image.open(io.BytesIO(z.read(n)))) > 0
-                overlap |= bool((m & (ref > 0)).any())
+                overlap += int((m & (ref > 0)).sum())
                 ref[m & (ref == 0)] = i
-            n_overlap_images += overlap
+            n_overlap_images += overlap > 0
+            assert r.overlap_px == overlap
             np.testing.assert_array_equal(lbl > 0, ref > 0, err_msg=r.image_id)   # union
             np.testing.assert_array_equal(lbl, ref, err_msg=r.image_id)           # instance by instance
             assert len(np.unique(lbl[lbl > 0])) == len(mask_entries) == r.n_nuclei == lbl.max()
