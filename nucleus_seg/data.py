@@ -8,10 +8,10 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/data.html.md"""
 __all__ = ['BBBC038_URL', 'DSB_FILES', 'MODALITIES', 'TARGET_CODES', 'CACHE_VERSION', 'DSBDataError', 'DSBOverlapWarning',
            'download_dsb', 'dsb_path', 'read_image', 'normalise_image', 'image_modality', 'read_mask', 'merge_masks',
            'dsb_cache', 'read_label', 'prepare_dsb', 'instance_target', 'ReadDSBImage', 'ReadDSBTarget',
-           'ModalitySplitter', 'dsb_batch_tfms', 'dsb_datablock', 'dsb_dataloaders', 'show_batch']
+           'ModalitySplitter', 'dsb_batch_tfms', 'dsb_datablock', 'dsb_dataloaders', 'show_target']
 
-# %% ../nbs/00_data.ipynb #373cafa6
-import os, io, re, json, shutil, zipfile, hashlib, uuid, warnings
+# %% ../nbs/00_data.ipynb #13f48f7b
+import os, io, re, json, shutil, zipfile, hashlib, uuid, warnings, contextlib
 from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image
@@ -20,9 +20,9 @@ from fastdownload import download_url
 from skimage.segmentation import find_boundaries
 from skimage.segmentation import relabel_sequential
 
-# %% ../nbs/00_data.ipynb #252e1b39
+# %% ../nbs/00_data.ipynb #457a5ac7
 from fastcore.basics import patch, store_attr
-from plum import dispatch
+from fastai.data.core import show_batch
 from fastai.data.block import DataBlock
 from fastai.data.core import DataLoaders
 from fastai.vision.core import PILImage, PILMask
@@ -32,7 +32,7 @@ from fastai.data.transforms import Normalize
 from fastai.vision.core import imagenet_stats
 from fastai.torch_core import TensorImage, TensorMask
 
-# %% ../nbs/00_data.ipynb #85ebfc9a
+# %% ../nbs/00_data.ipynb #6fb446d9
 BBBC038_URL = 'https://data.broadinstitute.org/bbbc/BBBC038/'
 DSB_FILES = ('stage1_train.zip', 'stage1_test.zip', 'stage1_solution.csv')
 MODALITIES = ('fluorescence', 'brightfield', 'histology')
@@ -44,7 +44,7 @@ class DSBDataError(ValueError):
 class DSBOverlapWarning(UserWarning):
     "Masks of one image overlap; the first mask keeps the shared pixels."
 
-# %% ../nbs/00_data.ipynb #9090385f
+# %% ../nbs/00_data.ipynb #71a066a7
 def _default_data(): return Path.home()/'.nucleus_seg'/'data'
 
 def _split_source(p:Path, split:str):
@@ -84,7 +84,7 @@ def dsb_path(path=None, # data folder (or a zip); default `$NUCLEUS_SEG_DATA`, t
     if not p.exists(): raise DSBDataError(f'{p}: data folder does not exist (pass a path, set NUCLEUS_SEG_DATA, or download=True)')
     raise DSBDataError(f'{p}: no stage1_train.zip, stage1_test.zip or extracted stage1_*/ folder found')
 
-# %% ../nbs/00_data.ipynb #7325e9e0
+# %% ../nbs/00_data.ipynb #40c1bff1
 def _to_uint8(a:np.ndarray)->np.ndarray:
     "Scale an integer, bool or float array to `uint8` (integers by their effective bit depth)."
     if a.dtype == np.uint8: return a
@@ -137,7 +137,7 @@ def read_image(fn, # path, bytes or array
     except Exception as e: raise DSBDataError(f'{name}: cannot decode image ({type(e).__name__}: {e})') from e
     return _to_rgb(_to_uint8(a), name)
 
-# %% ../nbs/00_data.ipynb #6562519b
+# %% ../nbs/00_data.ipynb #ebef2c96
 def _as_rgb8(img)->np.ndarray:
     return img if isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3 and img.shape[-1] == 3 else read_image(img)
 
@@ -158,7 +158,7 @@ def normalise_image(img, # image array (anything `read_image` reads)
     out = np.clip((g-plo)/max(phi-plo, 1e-6), 0, 1)*255
     return out.round().astype(np.uint8)[..., None].repeat(3, -1)
 
-# %% ../nbs/00_data.ipynb #8095ab0b
+# %% ../nbs/00_data.ipynb #f671050e
 def image_modality(img, # image array (anything `read_image` reads)
                   )->str:
     "Guess the modality of `img`: one of `MODALITIES`."
@@ -166,7 +166,7 @@ def image_modality(img, # image array (anything `read_image` reads)
     if np.abs(np.diff(a, axis=-1)).mean() > 3: return 'histology'
     return 'brightfield' if _bright_background(a.mean(-1)) else 'fluorescence'
 
-# %% ../nbs/00_data.ipynb #46cd0a98
+# %% ../nbs/00_data.ipynb #7029f07a
 def read_mask(fn, # path or bytes of a mask PNG
               name:str=None, # name used in error messages
              )->np.ndarray:
@@ -209,7 +209,7 @@ def merge_masks(masks, # binary H×W arrays, one per nucleus
         lbl = relabel_sequential(lbl)[0].astype(np.uint16)
     return lbl
 
-# %% ../nbs/00_data.ipynb #ca2344c1
+# %% ../nbs/00_data.ipynb #9c17d64f
 CACHE_VERSION = 2
 _LAYOUT = re.compile(r'^(?:.*/)?([^/]+)/(images|masks)/([^/]+)$')
 
@@ -257,7 +257,7 @@ class _Source:
             raise DSBDataError(f'{self.name(imgs[bare[0]])}: image without masks ({len(bare)} such images, expected <id>/masks/*.png)')
         return {i: (imgs[i], sorted(masks.get(i, []))) for i in sorted(imgs)}, labelled
 
-# %% ../nbs/00_data.ipynb #df321b9a
+# %% ../nbs/00_data.ipynb #6213c121
 def _atomic_write(fn:Path, write):
     "Call `write(tmp)` then `os.replace(tmp, fn)`."
     tmp = fn.with_name(f'.{fn.name}.{uuid.uuid4().hex[:8]}.tmp')
@@ -279,7 +279,7 @@ def read_label(fn, # path or bytes of a label PNG written by `prepare_dsb`
     if a.ndim != 2: raise DSBDataError(f'{name}: label image has shape {a.shape}, expected H×W')
     return a.astype(np.uint16)
 
-# %% ../nbs/00_data.ipynb #1b1b20f8
+# %% ../nbs/00_data.ipynb #62138321
 _COLS = ['image_id', 'image', 'label', 'height', 'width', 'modality', 'n_nuclei', 'overlap_px']
 
 def _load_index(out:Path)->pd.DataFrame:
@@ -298,6 +298,16 @@ def _cached(out:Path, fp:dict):
     if all(p.exists() for p in df['image']) and all(p.exists() for p in df['label'] if p is not None): return df
     return None
 
+@contextlib.contextmanager
+def _build_lock(out:Path):
+    "Hold an exclusive lock on `out`'s build, so concurrent processes (parallel notebooks) build it once."
+    try: import fcntl
+    except ImportError: yield; return   # no flock (Windows): concurrent builds stay safe, only wasteful
+    with open(out.with_name(f'.{out.name}.lock'), 'w') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
 def _swap_in(tmp:Path, out:Path):
     "Replace folder `out` with `tmp`, removing the old one afterwards."
     old = out.with_name(f'.{out.name}.old-{uuid.uuid4().hex[:8]}')
@@ -308,7 +318,7 @@ def _swap_in(tmp:Path, out:Path):
         shutil.rmtree(tmp, ignore_errors=True)
     if old is not None: shutil.rmtree(old, ignore_errors=True)
 
-# %% ../nbs/00_data.ipynb #d096ed88
+# %% ../nbs/00_data.ipynb #e2c098cd
 def _build(src:_Source, split:str, tmp:Path, progress:bool=True)->pd.DataFrame:
     "Decode every image of `src` (and merge its masks) into `tmp`; return the index."
     items, labelled = src.items(split)
@@ -343,17 +353,19 @@ def prepare_dsb(path=None, # data folder or zip (see `dsb_path`)
     fp = src.fingerprint()
     if not force and (df := _cached(out, fp)) is not None: return df
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f'.{split}.build-{uuid.uuid4().hex[:8]}')
-    try:
-        df = _build(src, split, tmp, progress)
-        _atomic_write(tmp/'index.csv', lambda t: df.to_csv(t, index=False))
-        _atomic_write(tmp/'source.json', lambda t: t.write_text(json.dumps(fp)))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
-    _swap_in(tmp, out)
+    with _build_lock(out):
+        if not force and (df := _cached(out, fp)) is not None: return df   # built by another process meanwhile
+        tmp = out.with_name(f'.{split}.build-{uuid.uuid4().hex[:8]}')
+        try:
+            df = _build(src, split, tmp, progress)
+            _atomic_write(tmp/'index.csv', lambda t: df.to_csv(t, index=False))
+            _atomic_write(tmp/'source.json', lambda t: t.write_text(json.dumps(fp)))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True); raise
+        _swap_in(tmp, out)
     return _load_index(out)
 
-# %% ../nbs/00_data.ipynb #13813dd6
+# %% ../nbs/00_data.ipynb #da4c24f2
 def instance_target(label:np.ndarray, # instance label image (0 background, 1..N)
                     kind:str='classes3', # 'binary' or 'classes3' (see `TARGET_CODES`)
                    )->np.ndarray:
@@ -364,7 +376,7 @@ def instance_target(label:np.ndarray, # instance label image (0 background, 1..N
     if kind == 'classes3': t[find_boundaries(label, mode='inner') & fg] = 2
     return t
 
-# %% ../nbs/00_data.ipynb #ed46e2c0
+# %% ../nbs/00_data.ipynb #23002e13
 class ReadDSBImage:
     "Read an index row's cached image as a `PILImage`, normalised when `normalise`."
     def __init__(self, normalise:bool=True): store_attr()
@@ -379,7 +391,7 @@ class ReadDSBTarget:
         store_attr()
     def __call__(self, row): return PILMask.create(instance_target(read_label(row['label']), self.target))
 
-# %% ../nbs/00_data.ipynb #f706fb8c
+# %% ../nbs/00_data.ipynb #a2361912
 class ModalitySplitter:
     "Split index rows randomly within each modality, `valid_pct` of each to validation."
     def __init__(self, valid_pct:float=0.2, seed:int=42, col:str='modality'): store_attr()
@@ -396,7 +408,7 @@ class ModalitySplitter:
         vs = set(valid)
         return [i for i in range(len(mods)) if i not in vs], valid
 
-# %% ../nbs/00_data.ipynb #fa7cdd4c
+# %% ../nbs/00_data.ipynb #8c80402a
 def dsb_batch_tfms(normalise:bool=True, # inputs are normalised grey (no colour augmentation then)
                    max_lighting:float=0.2, # brightness/contrast strength
                   )->list:
@@ -417,7 +429,7 @@ def dsb_datablock(target:str='classes3', # 'binary' or 'classes3'
                      splitter=ModalitySplitter(valid_pct, seed),
                      item_tfms=RandomCrop(crop), batch_tfms=dsb_batch_tfms(normalise))
 
-# %% ../nbs/00_data.ipynb #b620dd30
+# %% ../nbs/00_data.ipynb #223a7076
 def _modality_subset(df:pd.DataFrame, n:int, seed:int=42)->pd.DataFrame:
     "`n` rows of `df` taken in turn from each modality (random within a modality)."
     rnd = np.random.default_rng(seed).random(len(df))
@@ -451,25 +463,36 @@ def valid_items(self:DataLoaders):
     "Index rows of the validation set."
     return self.valid.items
 
-# %% ../nbs/00_data.ipynb #32b3f578
+# %% ../nbs/00_data.ipynb #6f71bbb1
 def _outline(m:np.ndarray)->np.ndarray:
     "Outline pixels of a target: the boundary class if present, else the border of the foreground."
     return (m == 2) if m.max() >= 2 else find_boundaries(m > 0, mode='inner')
 
-def _to_hwc01(x)->np.ndarray:
-    a = x.detach().cpu().float().permute(1, 2, 0).numpy()
+def _hwc01(x)->np.ndarray:
+    "An image tensor (C×H×W) or array (H×W×C) as floats in [0, 1], H×W×C."
+    a = x.detach().cpu().float().permute(1, 2, 0).numpy() if hasattr(x, 'detach') else np.asarray(x, np.float32)
     return np.clip(a/255 if a.max() > 1.5 else a, 0, 1)
 
-@dispatch
-def show_batch(x:TensorImage, y:TensorMask, samples, ctxs=None, max_n=6, nrows=None, ncols=None, figsize=None, **kwargs):
+def show_target(img, # image: H×W×3 array or 3×H×W tensor
+                target, # class target (`instance_target` output, array or tensor)
+                axs=None, # three matplotlib axes; default: a new figure
+                figsize=(9, 3), # size of a new figure
+               ):
+    "Show an image, its class target and the image with nucleus outlines (yellow) side by side."
+    import matplotlib.pyplot as plt
+    if axs is None: axs = plt.subplots(1, 3, figsize=figsize)[1]
+    im = _hwc01(img)
+    m = target.detach().cpu().numpy() if hasattr(target, 'detach') else np.asarray(target)
+    ov = im.copy(); ov[_outline(m)] = (1, 1, 0)
+    axs[0].imshow(im); axs[1].imshow(m, vmin=0, vmax=2, interpolation='nearest'); axs[2].imshow(ov)
+    for ax, title in zip(axs, ['image', 'target', 'outlines']): ax.set_title(title); ax.axis('off')
+    return axs
+
+@show_batch.dispatch
+def _show_batch_segmentation(x:TensorImage, y:TensorMask, samples, ctxs=None, max_n=6, nrows=None, ncols=None, figsize=None, **kwargs):
     "Show image, target and outlined image for each sample of a segmentation batch."
     import matplotlib.pyplot as plt
     n = min(len(samples), max_n)
     if ctxs is None: ctxs = plt.subplots(n, 3, figsize=figsize or (9, 3*n), squeeze=False)[1].flatten()
-    for (img, msk), axs in zip(list(samples)[:n], np.asarray(ctxs).reshape(-1, 3)):
-        im, m = _to_hwc01(img), msk.detach().cpu().numpy()
-        ov = im.copy(); ov[_outline(m)] = (1, 1, 0)
-        for ax, a, title in zip(axs, [im, m, ov], ['image', 'target', 'outlines']):
-            ax.imshow(a, vmin=0, vmax=2, interpolation='nearest') if a is m else ax.imshow(a)
-            ax.set_title(title); ax.axis('off')
+    for (img, msk), axs in zip(list(samples)[:n], np.asarray(ctxs).reshape(-1, 3)): show_target(img, msk, axs)
     return ctxs

@@ -115,7 +115,7 @@ def test_cache_built_once_and_invalidated(small, monkeypatch):
     data, cache = small
     df = prepare_dsb(data, cache=cache, progress=False)
     assert len(df) == 3 and (cache/'train'/'index.csv').exists()
-    assert not [p for p in cache.iterdir() if p.name.startswith('.')]   # no temporary folders left
+    assert not [p for p in cache.iterdir() if p.is_dir() and p.name.startswith('.')]   # no temporary folders left
     n, read_mask = Counter(), D.read_mask
     monkeypatch.setattr(D, 'read_mask', lambda *a, **k: n.update(['mask']) or read_mask(*a, **k))
     prepare_dsb(data, cache=cache, progress=False)
@@ -124,6 +124,19 @@ def test_cache_built_once_and_invalidated(small, monkeypatch):
     _make_zip(data/'stage1_train.zip', _small_ids()[:2])
     assert len(prepare_dsb(data, cache=cache, progress=False)) == 2
     assert len(list((cache/'train'/'images').iterdir())) == 2
+
+
+def test_concurrent_callers_build_once(small, monkeypatch):
+    "Parallel callers on a cold cache wait for one build (as notebooks tested in parallel do)."
+    data, cache = small
+    n, build = Counter(), D._build
+    monkeypatch.setattr(D, '_build', lambda *a, **k: n.update(['build']) or build(*a, **k))
+    res = [None]*3
+    def run(i): res[i] = prepare_dsb(data, cache=cache, progress=False)
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in ts: t.start()
+    for t in ts: t.join()
+    assert n['build'] == 1 and all(len(r) == 3 for r in res)
 
 
 def test_folder_source_matches_zip(small, tmp_path):
