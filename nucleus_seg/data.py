@@ -10,7 +10,7 @@ __all__ = ['BBBC038_URL', 'DSB_FILES', 'MODALITIES', 'TARGET_CODES', 'CACHE_VERS
            'dsb_cache', 'read_label', 'prepare_dsb', 'instance_target', 'ReadDSBImage', 'ReadDSBTarget',
            'ModalitySplitter', 'dsb_batch_tfms', 'dsb_datablock', 'dsb_dataloaders', 'show_target']
 
-# %% ../nbs/00_data.ipynb #13f48f7b
+# %% ../nbs/00_data.ipynb #aeb2333f
 import os, io, re, json, shutil, zipfile, hashlib, uuid, warnings, contextlib
 from pathlib import Path
 import numpy as np, pandas as pd
@@ -20,7 +20,7 @@ from fastdownload import download_url
 from skimage.segmentation import find_boundaries
 from skimage.segmentation import relabel_sequential
 
-# %% ../nbs/00_data.ipynb #457a5ac7
+# %% ../nbs/00_data.ipynb #ecb95e4f
 from fastcore.basics import patch, store_attr
 from fastai.data.core import show_batch
 from fastai.data.block import DataBlock
@@ -32,7 +32,7 @@ from fastai.data.transforms import Normalize
 from fastai.vision.core import imagenet_stats
 from fastai.torch_core import TensorImage, TensorMask
 
-# %% ../nbs/00_data.ipynb #6fb446d9
+# %% ../nbs/00_data.ipynb #799d4fa8
 BBBC038_URL = 'https://data.broadinstitute.org/bbbc/BBBC038/'
 DSB_FILES = ('stage1_train.zip', 'stage1_test.zip', 'stage1_solution.csv')
 MODALITIES = ('fluorescence', 'brightfield', 'histology')
@@ -44,7 +44,7 @@ class DSBDataError(ValueError):
 class DSBOverlapWarning(UserWarning):
     "Masks of one image overlap; the first mask keeps the shared pixels."
 
-# %% ../nbs/00_data.ipynb #71a066a7
+# %% ../nbs/00_data.ipynb #dd9cdff3
 def _default_data(): return Path.home()/'.nucleus_seg'/'data'
 
 def _split_source(p:Path, split:str):
@@ -65,7 +65,9 @@ def download_dsb(dest, # folder to download into
         if fn.exists(): continue
         url = base_url.rstrip('/') + '/' + f
         try: download_url(url, fn, show_progress=show_progress)
-        except Exception as e: raise DSBDataError(f'{url}: download failed ({e})') from e
+        except Exception as e:
+            fn.with_name(fn.name+'.part').unlink(missing_ok=True)
+            raise DSBDataError(f'{url}: download failed ({e})') from e
         if fn.suffix == '.zip' and not zipfile.is_zipfile(fn):
             fn.unlink()
             raise DSBDataError(f'{url}: downloaded file is not a zip')
@@ -84,7 +86,7 @@ def dsb_path(path=None, # data folder (or a zip); default `$NUCLEUS_SEG_DATA`, t
     if not p.exists(): raise DSBDataError(f'{p}: data folder does not exist (pass a path, set NUCLEUS_SEG_DATA, or download=True)')
     raise DSBDataError(f'{p}: no stage1_train.zip, stage1_test.zip or extracted stage1_*/ folder found')
 
-# %% ../nbs/00_data.ipynb #40c1bff1
+# %% ../nbs/00_data.ipynb #87b3f221
 def _to_uint8(a:np.ndarray)->np.ndarray:
     "Scale an integer, bool or float array to `uint8` (integers by their effective bit depth)."
     if a.dtype == np.uint8: return a
@@ -137,7 +139,7 @@ def read_image(fn, # path, bytes or array
     except Exception as e: raise DSBDataError(f'{name}: cannot decode image ({type(e).__name__}: {e})') from e
     return _to_rgb(_to_uint8(a), name)
 
-# %% ../nbs/00_data.ipynb #ebef2c96
+# %% ../nbs/00_data.ipynb #e201c467
 def _as_rgb8(img)->np.ndarray:
     return img if isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3 and img.shape[-1] == 3 else read_image(img)
 
@@ -158,7 +160,7 @@ def normalise_image(img, # image array (anything `read_image` reads)
     out = np.clip((g-plo)/max(phi-plo, 1e-6), 0, 1)*255
     return out.round().astype(np.uint8)[..., None].repeat(3, -1)
 
-# %% ../nbs/00_data.ipynb #f671050e
+# %% ../nbs/00_data.ipynb #ba201cc4
 def image_modality(img, # image array (anything `read_image` reads)
                   )->str:
     "Guess the modality of `img`: one of `MODALITIES`."
@@ -166,7 +168,7 @@ def image_modality(img, # image array (anything `read_image` reads)
     if np.abs(np.diff(a, axis=-1)).mean() > 3: return 'histology'
     return 'brightfield' if _bright_background(a.mean(-1)) else 'fluorescence'
 
-# %% ../nbs/00_data.ipynb #7029f07a
+# %% ../nbs/00_data.ipynb #613fdc05
 def read_mask(fn, # path or bytes of a mask PNG
               name:str=None, # name used in error messages
              )->np.ndarray:
@@ -209,7 +211,7 @@ def merge_masks(masks, # binary H×W arrays, one per nucleus
         lbl = relabel_sequential(lbl)[0].astype(np.uint16)
     return lbl
 
-# %% ../nbs/00_data.ipynb #9c17d64f
+# %% ../nbs/00_data.ipynb #4afe4752
 CACHE_VERSION = 2
 _LAYOUT = re.compile(r'^(?:.*/)?([^/]+)/(images|masks)/([^/]+)$')
 
@@ -257,7 +259,7 @@ class _Source:
             raise DSBDataError(f'{self.name(imgs[bare[0]])}: image without masks ({len(bare)} such images, expected <id>/masks/*.png)')
         return {i: (imgs[i], sorted(masks.get(i, []))) for i in sorted(imgs)}, labelled
 
-# %% ../nbs/00_data.ipynb #6213c121
+# %% ../nbs/00_data.ipynb #2184cecf
 def _atomic_write(fn:Path, write):
     "Call `write(tmp)` then `os.replace(tmp, fn)`."
     tmp = fn.with_name(f'.{fn.name}.{uuid.uuid4().hex[:8]}.tmp')
@@ -279,7 +281,7 @@ def read_label(fn, # path or bytes of a label PNG written by `prepare_dsb`
     if a.ndim != 2: raise DSBDataError(f'{name}: label image has shape {a.shape}, expected H×W')
     return a.astype(np.uint16)
 
-# %% ../nbs/00_data.ipynb #62138321
+# %% ../nbs/00_data.ipynb #dfdc82f4
 _COLS = ['image_id', 'image', 'label', 'height', 'width', 'modality', 'n_nuclei', 'overlap_px']
 
 def _load_index(out:Path)->pd.DataFrame:
@@ -318,7 +320,7 @@ def _swap_in(tmp:Path, out:Path):
         shutil.rmtree(tmp, ignore_errors=True)
     if old is not None: shutil.rmtree(old, ignore_errors=True)
 
-# %% ../nbs/00_data.ipynb #e2c098cd
+# %% ../nbs/00_data.ipynb #3d85c4f4
 def _build(src:_Source, split:str, tmp:Path, progress:bool=True)->pd.DataFrame:
     "Decode every image of `src` (and merge its masks) into `tmp`; return the index."
     items, labelled = src.items(split)
@@ -365,7 +367,7 @@ def prepare_dsb(path=None, # data folder or zip (see `dsb_path`)
         _swap_in(tmp, out)
     return _load_index(out)
 
-# %% ../nbs/00_data.ipynb #da4c24f2
+# %% ../nbs/00_data.ipynb #9709acab
 def instance_target(label:np.ndarray, # instance label image (0 background, 1..N)
                     kind:str='classes3', # 'binary' or 'classes3' (see `TARGET_CODES`)
                    )->np.ndarray:
@@ -376,7 +378,7 @@ def instance_target(label:np.ndarray, # instance label image (0 background, 1..N
     if kind == 'classes3': t[find_boundaries(label, mode='inner') & fg] = 2
     return t
 
-# %% ../nbs/00_data.ipynb #23002e13
+# %% ../nbs/00_data.ipynb #69abf92f
 class ReadDSBImage:
     "Read an index row's cached image as a `PILImage`, normalised when `normalise`."
     def __init__(self, normalise:bool=True): store_attr()
@@ -391,7 +393,7 @@ class ReadDSBTarget:
         store_attr()
     def __call__(self, row): return PILMask.create(instance_target(read_label(row['label']), self.target))
 
-# %% ../nbs/00_data.ipynb #a2361912
+# %% ../nbs/00_data.ipynb #f97613b0
 class ModalitySplitter:
     "Split index rows randomly within each modality, `valid_pct` of each to validation."
     def __init__(self, valid_pct:float=0.2, seed:int=42, col:str='modality'): store_attr()
@@ -408,7 +410,7 @@ class ModalitySplitter:
         vs = set(valid)
         return [i for i in range(len(mods)) if i not in vs], valid
 
-# %% ../nbs/00_data.ipynb #8c80402a
+# %% ../nbs/00_data.ipynb #a4e81468
 def dsb_batch_tfms(normalise:bool=True, # inputs are normalised grey (no colour augmentation then)
                    max_lighting:float=0.2, # brightness/contrast strength
                   )->list:
@@ -429,7 +431,7 @@ def dsb_datablock(target:str='classes3', # 'binary' or 'classes3'
                      splitter=ModalitySplitter(valid_pct, seed),
                      item_tfms=RandomCrop(crop), batch_tfms=dsb_batch_tfms(normalise))
 
-# %% ../nbs/00_data.ipynb #223a7076
+# %% ../nbs/00_data.ipynb #b3812e83
 def _modality_subset(df:pd.DataFrame, n:int, seed:int=42)->pd.DataFrame:
     "`n` rows of `df` taken in turn from each modality (random within a modality)."
     rnd = np.random.default_rng(seed).random(len(df))
@@ -463,7 +465,7 @@ def valid_items(self:DataLoaders):
     "Index rows of the validation set."
     return self.valid.items
 
-# %% ../nbs/00_data.ipynb #6f71bbb1
+# %% ../nbs/00_data.ipynb #89abc8fd
 def _outline(m:np.ndarray)->np.ndarray:
     "Outline pixels of a target: the boundary class if present, else the border of the foreground."
     return (m == 2) if m.max() >= 2 else find_boundaries(m > 0, mode='inner')
