@@ -7,8 +7,8 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/data.html.md"""
 # %% auto #0
 __all__ = ['BBBC038_URL', 'DSB_FILES', 'MODALITIES', 'TARGET_CODES', 'CACHE_VERSION', 'DSBDataError', 'DSBOverlapWarning',
            'download_dsb', 'dsb_path', 'read_image', 'normalise_image', 'image_modality', 'read_mask', 'merge_masks',
-           'dsb_cache', 'read_label', 'prepare_dsb', 'instance_target', 'ReadDSBImage', 'ReadDSBTarget',
-           'ModalitySplitter', 'dsb_batch_tfms', 'dsb_datablock', 'dsb_dataloaders', 'show_target']
+           'dsb_cache', 'read_label', 'prepare_dsb', 'load_dsb_item', 'instance_target', 'ReadDSBImage',
+           'ReadDSBTarget', 'ModalitySplitter', 'dsb_batch_tfms', 'dsb_datablock', 'dsb_dataloaders', 'show_target']
 
 # %% ../nbs/00_data.ipynb #aeb2333f
 import os, io, re, json, shutil, zipfile, hashlib, uuid, warnings, contextlib
@@ -366,6 +366,19 @@ def prepare_dsb(path=None, # data folder or zip (see `dsb_path`)
             shutil.rmtree(tmp, ignore_errors=True); raise
         _swap_in(tmp, out)
     return _load_index(out)
+
+# %% ../nbs/00_data.ipynb #50640016
+def load_dsb_item(image_id:str, # DSB2018 image id
+                  split:str='train', # 'train' or 'test'
+                  path=None, # data folder or zip (see `dsb_path`)
+                  cache=None, # cache folder (see `dsb_cache`)
+                 )->tuple:
+    "Cached image (`uint8` H×W×3) and merged label (`uint16`; `None` for test images) of one DSB2018 image."
+    df = prepare_dsb(path, split, cache, progress=False)
+    rows = df[df.image_id == image_id]
+    if not len(rows): raise DSBDataError(f'{image_id}: no such image in the {split} split')
+    row = rows.iloc[0]
+    return read_image(row.image), (read_label(row.label) if row.label is not None else None)
 
 # %% ../nbs/00_data.ipynb #9709acab
 def instance_target(label:np.ndarray, # instance label image (0 background, 1..N)
