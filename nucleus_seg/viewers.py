@@ -8,7 +8,7 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/viewers.html.md"""
 __all__ = ['ERROR_COLORS', 'label_colors', 'tint', 'mask_overlay', 'png_bytes', 'DatasetBrowser', 'classical_probs',
            'ClassicalSegmenter', 'match_instances', 'error_panels', 'PredictionExplorer']
 
-# %% ../nbs/06_viewers.ipynb #024acfb4
+# %% ../nbs/06_viewers.ipynb #25fdcba7
 import io
 import numpy as np, pandas as pd
 import ipywidgets as W
@@ -21,7 +21,7 @@ from .data import prepare_dsb, read_image, read_label, normalise_image, MODALITI
 from .instances import probs_to_instances, outline_overlay
 from .metrics import iou_pairs, dsb_score
 
-# %% ../nbs/06_viewers.ipynb #41d66f6a
+# %% ../nbs/06_viewers.ipynb #c20e5567
 def label_colors(n:int, # number of labels (colours for 1..n)
                  saturation:float=0.75, # HSV saturation of the colours
                 )->np.ndarray:
@@ -31,7 +31,7 @@ def label_colors(n:int, # number of labels (colours for 1..n)
     rgb = (hsv2rgb(hsv[None])[0]*255).round().astype(np.uint8)
     return np.concatenate([np.zeros((1,3), np.uint8), rgb])
 
-# %% ../nbs/06_viewers.ipynb #276687fc
+# %% ../nbs/06_viewers.ipynb #6c2ea87c
 def _rgb(img):
     "Image as uint8 HxWx3."
     img = np.asarray(img)
@@ -58,14 +58,19 @@ def mask_overlay(img, # uint8 image, grey or RGB
     out = tint(img, label, label_colors(int(np.max(label, initial=0))), alpha)
     return out if outline is None else outline_overlay(out, label, color=outline)
 
-# %% ../nbs/06_viewers.ipynb #3c4ef202
+# %% ../nbs/06_viewers.ipynb #283d9402
 def png_bytes(arr, # uint8 image (HxW or HxWx3)
              )->bytes:
     "PNG encoding of an image array."
     buf = io.BytesIO(); Image.fromarray(np.asarray(arr)).save(buf, format='png', compress_level=1)
     return buf.getvalue()
 
-# %% ../nbs/06_viewers.ipynb #37df6347
+def _show(image:W.Image, arr, lo=512, hi=1200):
+    "Put `arr` in an Image widget, displayed between `lo` and `hi` pixels wide (small images enlarged)."
+    image.value = png_bytes(arr)
+    image.layout.width = f'{min(max(arr.shape[1], lo), hi)}px'
+
+# %% ../nbs/06_viewers.ipynb #c0ba1ac8
 class DatasetBrowser:
     "Browse images with their nuclei: slider or id, modality filter, nucleus count."
     def __init__(self,
@@ -83,7 +88,7 @@ class DatasetBrowser:
         self.image_id = W.Combobox(placeholder='type an image id', description='id', ensure_option=True)
         self.normalise = W.Checkbox(normalise, description='model view (normalised)')
         self.info = W.HTML()
-        self.image = W.Image(format='png', layout=W.Layout(max_width='100%'))
+        self.image = W.Image(format='png', layout=W.Layout(max_width='100%', height='auto'))
         self.modality.observe(lambda _: self._filter(), 'value')
         self.slider.observe(lambda _: self.update(), 'value')
         self.normalise.observe(lambda _: self.update(), 'value')
@@ -99,7 +104,7 @@ class DatasetBrowser:
     @property
     def row(self)->pd.Series: return self.items.iloc[self.slider.value]
 
-# %% ../nbs/06_viewers.ipynb #23e717ef
+# %% ../nbs/06_viewers.ipynb #3c761306
 @patch
 def render(self:DatasetBrowser,
            i:int=None, # row of `items`; default: the current one
@@ -116,7 +121,7 @@ def update(self:DatasetBrowser):
     if self._busy or not len(self.items): return
     r = self.row
     ov,n = self.render()
-    self.image.value = png_bytes(ov)
+    _show(self.image, ov)
     self.info.value = (f"<b>{n} nuclei</b> &middot; {r.modality} &middot; {r.height}&times;{r.width} &middot; "
                        f"<code>{r.image_id}</code> &middot; {self.slider.value+1} of {len(self.items)}")
     self._busy = True
@@ -152,7 +157,7 @@ def _ipython_display_(self:DatasetBrowser):
     from IPython.display import display
     display(self.widget)
 
-# %% ../nbs/06_viewers.ipynb #edb9060d
+# %% ../nbs/06_viewers.ipynb #3b5d282b
 @patch
 def plot(self:DatasetBrowser,
          i:int=None, # row of `items`; default: the current one
@@ -170,7 +175,7 @@ def plot(self:DatasetBrowser,
     fig.tight_layout()
     return fig
 
-# %% ../nbs/06_viewers.ipynb #82bff091
+# %% ../nbs/06_viewers.ipynb #8d33234c
 def classical_probs(img, # uint8 image, grey or RGB, any modality
                     sigma:float=1.0, # Gaussian smoothing before thresholding, in pixels
                     softness:float=0.05, # width of the soft threshold, in normalised intensity
@@ -188,7 +193,7 @@ def classical_probs(img, # uint8 image, grey or RGB, any modality
     interior = np.where(mask, d/np.maximum(peak, 1e-6), 0)*fg
     return np.stack([1-fg, interior, np.clip(fg-interior, 0, 1)]).astype(np.float32)
 
-# %% ../nbs/06_viewers.ipynb #7a7d6b8a
+# %% ../nbs/06_viewers.ipynb #a5ac7145
 class ClassicalSegmenter:
     "A no-training segmenter (Otsu + distance-transform watershed) with the interface of a trained model."
     name = 'classical baseline (Otsu threshold + distance-transform watershed), not a trained model'
@@ -200,7 +205,7 @@ class ClassicalSegmenter:
         "uint16 label image of the nuclei in `img`."
         return probs_to_instances(self.predict_probs(img), **self.kwargs)
 
-# %% ../nbs/06_viewers.ipynb #6ae73aa9
+# %% ../nbs/06_viewers.ipynb #b5cde004
 ERROR_COLORS = dict(tp=(40,200,80), fp=(235,50,50), fn=(40,120,255))
 
 def match_instances(y_true, # integer label image, 0 is background
@@ -213,7 +218,7 @@ def match_instances(y_true, # integer label image, 0 is background
     hit = ious > thresh
     return dict(tp_true=ti[hit], tp_pred=pi[hit], fp=np.setdiff1d(ids_p, pi[hit]), fn=np.setdiff1d(ids_t, ti[hit]))
 
-# %% ../nbs/06_viewers.ipynb #98750eea
+# %% ../nbs/06_viewers.ipynb #b256918f
 def _lut(n, ids_colors):
     lut = np.zeros((n+1,3), np.uint8)
     for ids,c in ids_colors: lut[np.asarray(ids, dtype=int)] = c
@@ -233,7 +238,7 @@ def error_panels(img, # uint8 image, grey or RGB
     return (outline_overlay(tint(img, y_pred, lp, alpha), y_pred, color=white),
             outline_overlay(tint(img, y_true, lt, alpha), y_true, color=white))
 
-# %% ../nbs/06_viewers.ipynb #6671d189
+# %% ../nbs/06_viewers.ipynb #913a033d
 class PredictionExplorer:
     "Prediction beside ground truth with TP/FP/FN colours, DSB score, images sorted by score, live extraction sliders."
     def __init__(self,
@@ -255,7 +260,7 @@ class PredictionExplorer:
         self.min_size = W.IntSlider(min_size, min=0, max=200, step=5, description='min_size', **sl)
         self.table = W.Select(rows=12, layout=W.Layout(width='34em'))
         self.rescore_button = W.Button(description='rescore', tooltip='score every image with the current sliders')
-        self.info,self.image = W.HTML(),W.Image(format='png', layout=W.Layout(max_width='100%'))
+        self.info,self.image = W.HTML(),W.Image(format='png', layout=W.Layout(max_width='100%', height='auto'))
         for s in (self.iou, self.fg, self.interior, self.min_size): s.observe(lambda _: self.update(), 'value')
         self.table.observe(lambda _: self.update(), 'value')
         self.rescore_button.on_click(lambda _: self.rescore())
@@ -266,7 +271,7 @@ class PredictionExplorer:
         "Current `probs_to_instances` arguments."
         return self.kwargs | dict(fg_thresh=self.fg.value, interior_thresh=self.interior.value, min_size=self.min_size.value)
 
-# %% ../nbs/06_viewers.ipynb #1bef6a2f
+# %% ../nbs/06_viewers.ipynb #93203140
 @patch
 def probs(self:PredictionExplorer, i:int)->np.ndarray:
     "Probabilities of row `i`, computed once."
@@ -320,7 +325,7 @@ def update(self:PredictionExplorer):
     if self._busy or self.table.value is None: return
     pp,pt,s = self.render()
     gap = np.full((pp.shape[0], 8, 3), 255, np.uint8)
-    self.image.value = png_bytes(np.concatenate([pp, gap, pt], 1))
+    _show(self.image, np.concatenate([pp, gap, pt], 1), lo=1024)
     c = {k:'rgb'+str(v) for k,v in ERROR_COLORS.items()}
     self.info.value = (f"<b>DSB score {s['score']:.3f}</b> &middot; {s['modality']} <code>{s['image_id']}</code><br>"
                        f"at IoU &gt; {s['iou']:.2f}: <span style='color:{c['tp']}'>{s['tp']} true positives</span>, "
@@ -340,7 +345,7 @@ def _ipython_display_(self:PredictionExplorer):
     from IPython.display import display
     display(self.widget)
 
-# %% ../nbs/06_viewers.ipynb #a0a2235a
+# %% ../nbs/06_viewers.ipynb #82c0f1de
 @patch
 def plot(self:PredictionExplorer,
          i:int=None, # row of `df`; default: the one selected in the table
