@@ -9,8 +9,8 @@ __all__ = ['MAX_PIXELS', 'MAX_BYTES', 'UploadError', 'decode_upload', 'nucleus_t
            'SegmentationResult', 'segment_upload', 'app_segmenter', 'download_link', 'NucleusApp', 'app_notebook',
            'free_port', 'serve_app', 'wait_for_port', 'app']
 
-# %% ../nbs/07_app.ipynb #4a819e84
-import io, os, sys, json, time, base64, socket, tempfile, subprocess
+# %% ../nbs/07_app.ipynb #534bfd0d
+import io, os, sys, json, time, base64, socket, signal, tempfile, threading, subprocess
 from pathlib import Path
 from html import escape
 import numpy as np, pandas as pd
@@ -22,7 +22,7 @@ from .data import read_image, DSBDataError
 from .rle import label_to_rles
 from .viewers import ClassicalSegmenter, mask_overlay, png_bytes
 
-# %% ../nbs/07_app.ipynb #6956ddaa
+# %% ../nbs/07_app.ipynb #a1d3e10c
 MAX_PIXELS = int(os.environ.get('NUCLEUS_SEG_MAX_PIXELS', 4096*4096))
 MAX_BYTES = 64*2**20
 
@@ -39,7 +39,7 @@ def _header_size(b:bytes):
     except Image.DecompressionBombError: return (2**16, 2**16)
     except Exception: return None
 
-# %% ../nbs/07_app.ipynb #b00ffb94
+# %% ../nbs/07_app.ipynb #8f46fbb3
 def decode_upload(name:str, # file name, used in messages
                   content:bytes, # the file's bytes
                   max_pixels:int=MAX_PIXELS, # largest image accepted, in pixels
@@ -60,7 +60,7 @@ def decode_upload(name:str, # file name, used in messages
         raise UploadError(f"{name}: {img.shape[1]}×{img.shape[0]} pixels is too large to process (at most {max_pixels/1e6:.1f} megapixels)")
     return img
 
-# %% ../nbs/07_app.ipynb #5f55264b
+# %% ../nbs/07_app.ipynb #4e8eaa0d
 def nucleus_table(label, # integer label image, 0 is background
                  )->pd.DataFrame:
     "One row per nucleus: `nucleus` (label), `area` (pixels), `centroid_y`, `centroid_x` (pixels)."
@@ -80,7 +80,7 @@ def rle_csv(label, # integer label image
     "Kaggle submission rows `ImageId,EncodedPixels` for one image (one empty row if no nuclei)."
     return 'ImageId,EncodedPixels\n' + ''.join(f'{image_id},{r}\n' for r in (label_to_rles(label) or ['']))
 
-# %% ../nbs/07_app.ipynb #d41845b4
+# %% ../nbs/07_app.ipynb #4f85ad2c
 class SegmentationResult:
     "One segmented upload: image, label, timings and the derived overlay, table and downloads."
     def __init__(self, name:str, img:np.ndarray, label:np.ndarray, seconds:float): store_attr()
@@ -109,7 +109,7 @@ def segment_upload(name:str, # file name
     label = np.asarray(segmenter.segment(img))
     return SegmentationResult(name, img, label, time.perf_counter()-t0)
 
-# %% ../nbs/07_app.ipynb #668278a3
+# %% ../nbs/07_app.ipynb #f2575cf1
 def app_segmenter(model=None, # trained model file; default `$NUCLEUS_SEG_MODEL`; none: the classical baseline
                  ):
     "The segmenter the app uses: a trained model if one is named, else `ClassicalSegmenter`."
@@ -123,7 +123,7 @@ def app_segmenter(model=None, # trained model file; default `$NUCLEUS_SEG_MODEL`
         except AttributeError: pass
     return seg
 
-# %% ../nbs/07_app.ipynb #e6e17983
+# %% ../nbs/07_app.ipynb #d10b163f
 def download_link(data, # bytes or str to offer
                   fname:str, # file name the browser saves it as
                   mime:str, # MIME type
@@ -134,7 +134,7 @@ def download_link(data, # bytes or str to offer
     b64 = base64.b64encode(data).decode()
     return f'<a class="nucleus-download" download="{escape(fname)}" href="data:{mime};base64,{b64}">{escape(text or fname)}</a>'
 
-# %% ../nbs/07_app.ipynb #364293a7
+# %% ../nbs/07_app.ipynb #a596a90c
 _CSS = '''<style>
 .nucleus-card {border:1px solid #ddd; border-radius:6px; padding:8px; margin:6px 0}
 .nucleus-banner {padding:6px 10px; border-radius:4px}
@@ -166,7 +166,7 @@ class NucleusApp:
         self.upload.value = ()  # frees the bytes and lets the same file be uploaded again
         self.process(files)
 
-# %% ../nbs/07_app.ipynb #ffac8d72
+# %% ../nbs/07_app.ipynb #e47686c5
 @patch
 def result_card(self:NucleusApp, r:SegmentationResult)->W.Widget:
     "Widget showing one result: count, overlay, downloads, nucleus table."
@@ -186,7 +186,7 @@ def error_card(self:NucleusApp, msg:str)->W.Widget:
     "Widget showing why a file was not segmented."
     return W.HTML(f'<div class="nucleus-card" style="color:#b00020">&#9888; {escape(msg)}</div>').add_class('upload-error')
 
-# %% ../nbs/07_app.ipynb #c926474b
+# %% ../nbs/07_app.ipynb #4bc54c68
 @patch
 def process(self:NucleusApp,
             files, # uploads: dicts with `name` and `content` (bytes), as in `FileUpload.value`
@@ -208,7 +208,7 @@ def process(self:NucleusApp,
                          '. Upload more to replace these results.')
     return self.results
 
-# %% ../nbs/07_app.ipynb #67cc9584
+# %% ../nbs/07_app.ipynb #c7d2b810
 @patch(as_prop=True)
 def widget(self:NucleusApp)->W.Widget:
     "The page's widget tree."
@@ -227,7 +227,7 @@ def _ipython_display_(self:NucleusApp):
     from IPython.display import display
     display(self.widget)
 
-# %% ../nbs/07_app.ipynb #7f015178
+# %% ../nbs/07_app.ipynb #b10b79dd
 def app_notebook(dest, # folder to write `nucleus_app.ipynb` (and Voila's settings) into
                 )->Path:
     "Write the Voila app notebook and a `voila.json` next to it; return the notebook's path."
@@ -245,7 +245,7 @@ def app_notebook(dest, # folder to write `nucleus_app.ipynb` (and Voila's settin
     (dest/'voila.json').write_text(json.dumps(cfg, indent=1))
     return fn
 
-# %% ../nbs/07_app.ipynb #30418704
+# %% ../nbs/07_app.ipynb #5a782e3e
 def free_port(ip:str='127.0.0.1')->int:
     "A TCP port that is free on `ip` now."
     with socket.socket() as s: s.bind((ip, 0)); return s.getsockname()[1]
@@ -283,7 +283,7 @@ def wait_for_port(port:int, # port to poll
         except OSError: time.sleep(0.25)
     raise TimeoutError(f'nothing listening on {ip}:{port} after {timeout} s')
 
-# %% ../nbs/07_app.ipynb #563cae69
+# %% ../nbs/07_app.ipynb #7dd52921
 def app(model:str=None, # trained model file; default `$NUCLEUS_SEG_MODEL`; none: the classical baseline
         port:int=8866, # port to serve on
         ip:str='127.0.0.1', # address to listen on (127.0.0.1: this machine only)
@@ -291,6 +291,8 @@ def app(model:str=None, # trained model file; default `$NUCLEUS_SEG_MODEL`; none
        ):
     "Serve the nucleus segmentation web app with Voila until interrupted (`nucleus-seg app`)."
     proc = serve_app(model, port, ip, max_pixels=max_pixels)
+    if threading.current_thread() is threading.main_thread():  # `kill` stops Voila too, like Ctrl+C
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         wait_for_port(port, ip, timeout=120, proc=proc)
         print(f'nucleus-seg app: serving on {proc.url} (Ctrl+C to stop)', flush=True)
