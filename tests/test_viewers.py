@@ -178,3 +178,18 @@ def test_app_survives_failing_model_and_missing_model(few, monkeypatch):
     assert b.segmenter is None and b.upload.disabled and 'could not load the model' in b.widget.children[0].value
     monkeypatch.delenv('NUCLEUS_SEG_MODEL')
     assert 'No trained model' in NucleusApp().widget.children[0].value
+
+
+def test_app_loads_a_named_model_with_load_segmenter(tmp_path, monkeypatch, few):
+    "A model file (argument or $NUCLEUS_SEG_MODEL) goes through `nucleus_seg.inference.load_segmenter` (stubbed here)."
+    import sys, types
+    fn = tmp_path/'model.pkl'; fn.write_bytes(b'weights')
+    class Stub:
+        def __init__(self, fn): self.fn = fn
+        def segment(self, img): return ClassicalSegmenter().segment(img)
+    monkeypatch.setitem(sys.modules, 'nucleus_seg.inference', types.SimpleNamespace(load_segmenter=Stub))
+    monkeypatch.setenv('NUCLEUS_SEG_MODEL', str(fn))
+    a = NucleusApp()
+    assert isinstance(a.segmenter, Stub) and a.segmenter.fn == str(fn)
+    assert 'Segmenter: trained model model.pkl' in a.widget.children[0].value and 'No trained model' not in a.widget.children[0].value
+    assert len(a.process([dict(name='x.png', content=open(few.image[0], 'rb').read())])) == 1
