@@ -6,9 +6,9 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/speed.html.md"""
 
 # %% auto #0
 __all__ = ['decode_row', 'ResidentData', 'ResidentDL', 'resident_dataloaders', 'dl_throughput', 'normalise_batch',
-           'segment_batched', 'compile_unet']
+           'instance_pool', 'segment_batched', 'compile_unet']
 
-# %% ../nbs/09_speed.ipynb #d6388adb
+# %% ../nbs/09_speed.ipynb #f9e45d31
 import os, time
 import numpy as np, pandas as pd, torch
 from torch import nn, Tensor
@@ -22,14 +22,14 @@ from fastai.layers import ToTensorBase
 import torch.nn.functional as F
 import multiprocessing
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, Executor
 from contextlib import nullcontext
 from fastai.vision.core import imagenet_stats
 from .instances import probs_to_instances
 from .data import (prepare_dsb, read_image, read_label, normalise_image, instance_target, ModalitySplitter,
                               dsb_batch_tfms, TARGET_CODES, _modality_subset)
 
-# %% ../nbs/09_speed.ipynb #e0066fc1
+# %% ../nbs/09_speed.ipynb #8df2f7b0
 def _has_label(row)->bool:
     l = row.get('label')
     return l is not None and not (isinstance(l, float) and np.isnan(l)) and str(l) not in ('', 'None')
@@ -44,7 +44,7 @@ def decode_row(row, # index row from `prepare_dsb` (`image`, `label`)
     tgt = instance_target(read_label(row['label']), target) if _has_label(row) else np.zeros(img.shape[:2], np.uint8)
     return np.ascontiguousarray(img.transpose(2, 0, 1)), tgt
 
-# %% ../nbs/09_speed.ipynb #8abe0fa3
+# %% ../nbs/09_speed.ipynb #59c50116
 class ResidentData:
     "Images and targets of any sizes packed in flat `uint8` tensors on `device`, cropped in batches by `crops`."
     def __init__(self, imgs, # C×H×W `uint8` arrays (C=1 or 3, same C for all)
@@ -84,7 +84,7 @@ class ResidentData:
     @property
     def nbytes(self): return self.img.numel() + self.tgt.numel()
 
-# %% ../nbs/09_speed.ipynb #4cd1bb88
+# %% ../nbs/09_speed.ipynb #5299c2cd
 @patch
 def crops(self:ResidentData,
           idxs, # image indices (list or tensor)
@@ -118,7 +118,7 @@ def crops(self:ResidentData,
     if self.nc == 1: img = img.expand(-1, 3, -1, -1)
     return TensorImage(img), TensorMask(tgt)
 
-# %% ../nbs/09_speed.ipynb #253d2b93
+# %% ../nbs/09_speed.ipynb #2b4e77c5
 class ResidentDL(TfmdDL):
     "A `TfmdDL` producing batches of crops from a `ResidentData` with batched tensor ops on its device."
     def __init__(self, dataset:ResidentData, bs:int=16, crop:int=256, # square crop size
@@ -146,7 +146,7 @@ class ResidentDL(TfmdDL):
     def to(self, device):
         super().to(device); self.dataset.to(device); return self
 
-# %% ../nbs/09_speed.ipynb #d10d0153
+# %% ../nbs/09_speed.ipynb #f417a910
 def resident_dataloaders(path=None, # data folder or zip (see `dsb_path`)
                          target:str='classes3', # 'binary' or 'classes3'
                          bs:int=16, # batch size
@@ -171,7 +171,7 @@ def resident_dataloaders(path=None, # data folder or zip (see `dsb_path`)
     return DataLoaders(ResidentDL(ds[0], bs, crop, normalise=normalise, device=device, **kwargs),
                        ResidentDL(ds[1], bs, valid_crop or crop, normalise=normalise, device=device, **kwargs), device=device)
 
-# %% ../nbs/09_speed.ipynb #d59fef30
+# %% ../nbs/09_speed.ipynb #f951e3ec
 def dl_throughput(dl, # a fastai `DataLoader`
                   n_batches:int=4, # batches per timed run
                   repeats:int=3, # timed runs (median reported)
@@ -187,7 +187,7 @@ def dl_throughput(dl, # a fastai `DataLoader`
     run(1)
     return float(np.median([run(n_batches) for _ in range(repeats)]))
 
-# %% ../nbs/09_speed.ipynb #d5da1e91
+# %% ../nbs/09_speed.ipynb #e060e473
 def normalise_batch(x:Tensor, # B×H×W×3 `uint8` images (any device)
                     lo:float=1., hi:float=99.8, # percentiles mapped to 0 and 255
                    )->Tensor:
@@ -200,7 +200,13 @@ def normalise_batch(x:Tensor, # B×H×W×3 `uint8` images (any device)
     out = ((g-plo[:, None])/(phi-plo).clamp(min=1e-6)[:, None]).clamp(0, 1)*255
     return out.round().to(torch.uint8).view(x.shape[:3])
 
-# %% ../nbs/09_speed.ipynb #5db3ef8a
+# %% ../nbs/09_speed.ipynb #b514ee80
+def instance_pool(n_workers:int=None, # processes (default: CPU count); 0: `None` (extract in the calling process)
+                 ):
+    "A process pool for `probs_to_instances` (forkserver: workers import only NumPy/scikit-image code)."
+    n_workers = os.cpu_count() if n_workers is None else n_workers
+    return ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context('forkserver')) if n_workers else None
+
 def _pad32(x:Tensor, mult:int=32)->Tensor:
     ph, pw = -x.shape[-2] % mult, -x.shape[-1] % mult
     mode = 'reflect' if ph < x.shape[-2] and pw < x.shape[-1] else 'constant'
@@ -210,7 +216,7 @@ def segment_batched(model:nn.Module, # U-Net taking ImageNet-normalised B×3×H�
                     imgs:list, # H×W×3 `uint8` images (as `read_image` returns them)
                     bs:int=8, # images per forward pass (same-size images are batched)
                     normalise:bool=True, # `normalise_batch` first (as the model was trained)
-                    n_workers:int=None, # processes extracting instances (default: CPU count; 0: in this process)
+                    n_workers=None, # processes extracting instances (default: CPU count; 0: in this process) or an `Executor` to reuse
                     amp:bool=None, # bf16 autocast (default: on CUDA)
                     **kwargs, # passed to `probs_to_instances`
                    )->list:
@@ -220,11 +226,10 @@ def segment_batched(model:nn.Module, # U-Net taking ImageNet-normalised B×3×H�
     mean, std = (torch.tensor(s, device=dev).view(1, 3, 1, 1) for s in imagenet_stats)
     groups = defaultdict(list)
     for i, im in enumerate(imgs): groups[im.shape].append(i)
-    n_workers = os.cpu_count() if n_workers is None else n_workers
-    pool = ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context('forkserver')) if n_workers else nullcontext()
+    pool = n_workers if isinstance(n_workers, Executor) else instance_pool(n_workers)
     res = [None]*len(imgs)
     model.eval()
-    with pool, torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=amp):
+    with (nullcontext() if pool is None or pool is n_workers else pool), torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=amp):
         for (h, w, _), idxs in groups.items():
             for chunk in chunked(idxs, bs):
                 x = torch.from_numpy(np.stack([imgs[i] for i in chunk])).to(dev, non_blocking=True)
@@ -232,10 +237,10 @@ def segment_batched(model:nn.Module, # U-Net taking ImageNet-normalised B×3×H�
                 x = _pad32((x.permute(0, 3, 1, 2).float()/255 - mean)/std)
                 p = model(x)[..., :h, :w].float().softmax(1).cpu().numpy()
                 for i, pi in zip(chunk, p):
-                    res[i] = pool.submit(probs_to_instances, pi, **kwargs) if n_workers else probs_to_instances(pi, **kwargs)
-    return [r.result() if n_workers else r for r in res]
+                    res[i] = pool.submit(probs_to_instances, pi, **kwargs) if pool else probs_to_instances(pi, **kwargs)
+    return [r.result() if pool else r for r in res]
 
-# %% ../nbs/09_speed.ipynb #5ee86dcf
+# %% ../nbs/09_speed.ipynb #8827ca53
 def compile_unet(model:nn.Module, # a fastai `DynamicUnet` (or any model ending in `ToTensorBase`)
                  **kwargs, # passed to `torch.compile` (`backend`, `mode`, ...)
                 )->nn.Module:
@@ -248,7 +253,7 @@ def compile_unet(model:nn.Module, # a fastai `DynamicUnet` (or any model ending 
     model.forward = torch.compile(model.forward, **kwargs)
     return model
 
-# %% ../nbs/09_speed.ipynb #2dba59bf
+# %% ../nbs/09_speed.ipynb #5d40b137
 try: from fastai.distributed import DistributedDL
 except (ImportError, NameError): DistributedDL = None  # `accelerate` not installed
 
