@@ -3,3 +3,5 @@ from .data import *
 from .instances import *
 from .metrics import *
 from .rle import *
+from .viewers import *
+from .app import *
