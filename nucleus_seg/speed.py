@@ -8,7 +8,7 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/speed.html.md"""
 __all__ = ['decode_row', 'ResidentData', 'ResidentDL', 'resident_dataloaders', 'dl_throughput', 'normalise_batch',
            'instance_pool', 'segment_batched', 'compile_unet']
 
-# %% ../nbs/09_speed.ipynb #f9e45d31
+# %% ../nbs/09_speed.ipynb #1db07cbd
 import os, time
 import numpy as np, pandas as pd, torch
 from torch import nn, Tensor
@@ -29,7 +29,7 @@ from .instances import probs_to_instances
 from .data import (prepare_dsb, read_image, read_label, normalise_image, instance_target, ModalitySplitter,
                               dsb_batch_tfms, TARGET_CODES, _modality_subset)
 
-# %% ../nbs/09_speed.ipynb #8df2f7b0
+# %% ../nbs/09_speed.ipynb #e860ce90
 def _has_label(row)->bool:
     l = row.get('label')
     return l is not None and not (isinstance(l, float) and np.isnan(l)) and str(l) not in ('', 'None')
@@ -44,7 +44,7 @@ def decode_row(row, # index row from `prepare_dsb` (`image`, `label`)
     tgt = instance_target(read_label(row['label']), target) if _has_label(row) else np.zeros(img.shape[:2], np.uint8)
     return np.ascontiguousarray(img.transpose(2, 0, 1)), tgt
 
-# %% ../nbs/09_speed.ipynb #59c50116
+# %% ../nbs/09_speed.ipynb #5ab2d579
 class ResidentData:
     "Images and targets of any sizes packed in flat `uint8` tensors on `device`, cropped in batches by `crops`."
     def __init__(self, imgs, # C×H×W `uint8` arrays (C=1 or 3, same C for all)
@@ -84,7 +84,7 @@ class ResidentData:
     @property
     def nbytes(self): return self.img.numel() + self.tgt.numel()
 
-# %% ../nbs/09_speed.ipynb #5299c2cd
+# %% ../nbs/09_speed.ipynb #7f53846f
 @patch
 def crops(self:ResidentData,
           idxs, # image indices (list or tensor)
@@ -118,7 +118,7 @@ def crops(self:ResidentData,
     if self.nc == 1: img = img.expand(-1, 3, -1, -1)
     return TensorImage(img), TensorMask(tgt)
 
-# %% ../nbs/09_speed.ipynb #2b4e77c5
+# %% ../nbs/09_speed.ipynb #521d8aeb
 class ResidentDL(TfmdDL):
     "A `TfmdDL` producing batches of crops from a `ResidentData` with batched tensor ops on its device."
     def __init__(self, dataset:ResidentData, bs:int=16, crop:int=256, # square crop size
@@ -146,7 +146,7 @@ class ResidentDL(TfmdDL):
     def to(self, device):
         super().to(device); self.dataset.to(device); return self
 
-# %% ../nbs/09_speed.ipynb #f417a910
+# %% ../nbs/09_speed.ipynb #1d0fdef9
 def resident_dataloaders(path=None, # data folder or zip (see `dsb_path`)
                          target:str='classes3', # 'binary' or 'classes3'
                          bs:int=16, # batch size
@@ -171,7 +171,7 @@ def resident_dataloaders(path=None, # data folder or zip (see `dsb_path`)
     return DataLoaders(ResidentDL(ds[0], bs, crop, normalise=normalise, device=device, **kwargs),
                        ResidentDL(ds[1], bs, valid_crop or crop, normalise=normalise, device=device, **kwargs), device=device)
 
-# %% ../nbs/09_speed.ipynb #f951e3ec
+# %% ../nbs/09_speed.ipynb #90d76929
 def dl_throughput(dl, # a fastai `DataLoader`
                   n_batches:int=4, # batches per timed run
                   repeats:int=3, # timed runs (median reported)
@@ -187,7 +187,7 @@ def dl_throughput(dl, # a fastai `DataLoader`
     run(1)
     return float(np.median([run(n_batches) for _ in range(repeats)]))
 
-# %% ../nbs/09_speed.ipynb #e060e473
+# %% ../nbs/09_speed.ipynb #148cc447
 def normalise_batch(x:Tensor, # B×H×W×3 `uint8` images (any device)
                     lo:float=1., hi:float=99.8, # percentiles mapped to 0 and 255
                    )->Tensor:
@@ -200,7 +200,7 @@ def normalise_batch(x:Tensor, # B×H×W×3 `uint8` images (any device)
     out = ((g-plo[:, None])/(phi-plo).clamp(min=1e-6)[:, None]).clamp(0, 1)*255
     return out.round().to(torch.uint8).view(x.shape[:3])
 
-# %% ../nbs/09_speed.ipynb #b514ee80
+# %% ../nbs/09_speed.ipynb #b7cf9508
 def instance_pool(n_workers:int=None, # processes (default: CPU count); 0: `None` (extract in the calling process)
                  ):
     "A process pool for `probs_to_instances` (forkserver: workers import only NumPy/scikit-image code)."
@@ -240,7 +240,7 @@ def segment_batched(model:nn.Module, # U-Net taking ImageNet-normalised B×3×H�
                     res[i] = pool.submit(probs_to_instances, pi, **kwargs) if pool else probs_to_instances(pi, **kwargs)
     return [r.result() if pool else r for r in res]
 
-# %% ../nbs/09_speed.ipynb #8827ca53
+# %% ../nbs/09_speed.ipynb #cc92e578
 def compile_unet(model:nn.Module, # a fastai `DynamicUnet` (or any model ending in `ToTensorBase`)
                  **kwargs, # passed to `torch.compile` (`backend`, `mode`, ...)
                 )->nn.Module:
@@ -253,7 +253,7 @@ def compile_unet(model:nn.Module, # a fastai `DynamicUnet` (or any model ending 
     model.forward = torch.compile(model.forward, **kwargs)
     return model
 
-# %% ../nbs/09_speed.ipynb #5d40b137
+# %% ../nbs/09_speed.ipynb #8a1bdc0b
 try: from fastai.distributed import DistributedDL
 except (ImportError, NameError): DistributedDL = None  # `accelerate` not installed
 
