@@ -5,3 +5,4 @@ from .metrics import *
 from .rle import *
 from .viewers import *
 from .app import *
+from .speed import *
