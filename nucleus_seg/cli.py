@@ -7,12 +7,12 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/cli.html.md"""
 # %% auto #0
 __all__ = ['COMMANDS', 'prepare', 'train', 'predict', 'evaluate', 'submit', 'usage', 'ArgumentError', 'command_parser', 'main']
 
-# %% ../nbs/08_cli.ipynb #22306b69
+# %% ../nbs/08_cli.ipynb #82bf602c
 import os, sys, importlib, warnings
 from pathlib import Path
 from fastcore.script import call_parse, anno_parser, store_true, bool_arg, CliError
 
-# %% ../nbs/08_cli.ipynb #acd8a5f5
+# %% ../nbs/08_cli.ipynb #a80a90fb
 def _arch(name):
     "The torchvision encoder called `name`"
     import torchvision
@@ -26,7 +26,7 @@ def _positive(**kw):
     for k,v in kw.items():
         if v is not None and v<=0: raise CliError(f"--{k.replace('_','-')} must be positive, got {v}")
 
-# %% ../nbs/08_cli.ipynb #2e37c0ea
+# %% ../nbs/08_cli.ipynb #5179131f
 @call_parse
 def prepare(data:str=None, # DSB2018 folder holding the zips or extracted folders (default: $NUCLEUS_SEG_DATA)
             cache:str=None, # cache folder (default: $NUCLEUS_SEG_CACHE or ~/.cache/nucleus_seg)
@@ -38,7 +38,7 @@ def prepare(data:str=None, # DSB2018 folder holding the zips or extracted folder
         df = prepare_dsb(data, split=split, cache=cache, force=force)
         print(f"{split}: {len(df)} images" + (f", {int(df.n_nuclei.sum())} nuclei" if split=='train' else ''))
 
-# %% ../nbs/08_cli.ipynb #c447b80e
+# %% ../nbs/08_cli.ipynb #dfabb278
 @call_parse
 def train(out:str='nucleus_run', # run folder: checkpoints in models/, the exported model.pkl, TensorBoard logs in tb/
           data:str=None, # DSB2018 location (default: $NUCLEUS_SEG_DATA)
@@ -63,7 +63,7 @@ def train(out:str='nucleus_run', # run folder: checkpoints in models/, the expor
                           tensorboard=tensorboard, seed=seed)
     print(f"model: {Path(out)/'model.pkl'}")
 
-# %% ../nbs/08_cli.ipynb #116659c2
+# %% ../nbs/08_cli.ipynb #32a6ec9c
 def _segmenter(model, cpu=False, tta=True, tile=1024):
     "Load the exported `model` for inference, with a clear error when it is missing"
     from nucleus_seg.inference import load_segmenter
@@ -85,7 +85,7 @@ def predict(model:str, # exported model (model.pkl from `nucleus-seg train`)
     df = segment_folder(_segmenter(model, cpu, tta, tile), src, out, overlays=overlays, submission=Path(out)/'submission.csv')
     print(f"{len(df)} images, {int(df.n_nuclei.sum())} nuclei -> {out}")
 
-# %% ../nbs/08_cli.ipynb #3e930b0f
+# %% ../nbs/08_cli.ipynb #a4ff3648
 @call_parse
 def evaluate(model:str, # exported model (model.pkl from `nucleus-seg train`)
              src:str, # labelled images: a prepared split folder, an index CSV (run/valid.csv), a Kaggle-layout folder, or images with --solution
@@ -99,14 +99,15 @@ def evaluate(model:str, # exported model (model.pkl from `nucleus-seg train`)
     "Dataset DSB score of a model on labelled images, per modality, and a per-image table"
     _positive(n_items=n_items, tile=tile)
     from nucleus_seg.inference import evaluate_model, image_items, modality_scores
+    seg = _segmenter(model, cpu, tta, tile)
     items = image_items(src)
     if n_items: items = items.iloc[:n_items]
-    score,df = evaluate_model(_segmenter(model, cpu, tta, tile), items, solution=solution)
+    score,df = evaluate_model(seg, items, solution=solution)
     print(modality_scores(df).to_string(float_format='%.4f'))
     if out: df.to_csv(out, index=False); print(f"per-image table: {out}")
     print(f"DSB score: {score:.4f}")
 
-# %% ../nbs/08_cli.ipynb #130ba980
+# %% ../nbs/08_cli.ipynb #1675b9aa
 @call_parse
 def submit(model:str, # exported model (model.pkl from `nucleus-seg train`)
            out:str='submission.csv', # the submission CSV
@@ -121,13 +122,14 @@ def submit(model:str, # exported model (model.pkl from `nucleus-seg train`)
     from nucleus_seg.data import prepare_dsb
     from nucleus_seg.inference import segment_folder
     from nucleus_seg.rle import validate_submission
+    seg = _segmenter(model, cpu, tta)
     items = prepare_dsb(data, split='test', cache=cache)
     if n_items: items = items.iloc[:n_items]
-    segment_folder(_segmenter(model, cpu, tta), items, submission=out)
+    segment_folder(seg, items, submission=out)
     res = validate_submission(out, items)
     print(f"{out}: {res['n_images']} images, {res['n_nuclei']} nuclei, valid")
 
-# %% ../nbs/08_cli.ipynb #2bc2c84a
+# %% ../nbs/08_cli.ipynb #02d906d2
 COMMANDS = dict(prepare=prepare, train=train, predict=predict, evaluate=evaluate, submit=submit,
                 app='nucleus_seg.app:app') # the web viewer (07_app); imported only when used
 _SUMMARIES = dict(app="Serve the nucleus segmentation web app (Voila)")
@@ -148,7 +150,7 @@ def usage()->str:
                       "Segment cell nuclei in microscopy images (DSB2018): data, U-Net training, inference, scores.",
                       "", "subcommands:", *cmds, "", "'nucleus-seg COMMAND --help' lists a command's options."])
 
-# %% ../nbs/08_cli.ipynb #ca0a1eb6
+# %% ../nbs/08_cli.ipynb #37ac0181
 class ArgumentError(CliError):
     "A command line argument that the subcommand's parser rejects"
 
@@ -160,7 +162,7 @@ def command_parser(name:str, # subcommand name, a key of `COMMANDS`
     p.error = _error
     return p
 
-# %% ../nbs/08_cli.ipynb #b8f02e5d
+# %% ../nbs/08_cli.ipynb #8355bed2
 def _fail(msg, code=1):
     "Print a one-line `nucleus-seg: error: ...` to stderr and return `code`"
     print(f"nucleus-seg: error: {str(msg).splitlines()[0] if str(msg) else type(msg).__name__}", file=sys.stderr)
@@ -176,6 +178,8 @@ def main(argv:list=None, # arguments (default: `sys.argv[1:]`)
     name,rest = argv[0],argv[1:]
     if name not in COMMANDS: return _fail(f"unknown command {name!r} (choose from {', '.join(COMMANDS)})", 2)
     try:
+        if not os.environ.get('NUCLEUS_SEG_DEBUG'):
+            for c in (FutureWarning, DeprecationWarning): warnings.filterwarnings('ignore', category=c)
         args = vars(command_parser(name).parse_args(rest))
         for k in ('pdb','xtra'): args.pop(k, None)
         res = _command(name)(**args)

@@ -8,7 +8,7 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/inference.html.md"""
 __all__ = ['IMAGE_EXTS', 'Segmenter', 'load_segmenter', 'image_items', 'save_label', 'save_image', 'segment_folder',
            'evaluate_model', 'modality_scores']
 
-# %% ../nbs/05_inference.ipynb #ded9d6f5
+# %% ../nbs/05_inference.ipynb #fded4ab3
 import os, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn.functional as F
@@ -22,7 +22,7 @@ from .metrics import image_report
 from .rle import write_submission, read_solution
 from .learner import instance_kwargs
 
-# %% ../nbs/05_inference.ipynb #e259a350
+# %% ../nbs/05_inference.ipynb #4759657c
 class Segmenter:
     "Whole-image nucleus segmentation with a trained U-Net: pads to the stride, tiles large images, flip TTA"
     def __init__(self, learn:Learner, # trained learner (from `train_nucleus` or `load_learner`)
@@ -34,6 +34,7 @@ class Segmenter:
                  method:str='auto', # `probs_to_instances` method
                  **kwargs # more `probs_to_instances` arguments
                 ):
+        if not 0 <= overlap < tile: raise ValueError(f"overlap ({overlap}) must be at least 0 and less than tile ({tile})")
         store_attr('tta,tile,overlap,stride,method')
         self.kwargs = instance_kwargs(**kwargs)
         self.device = torch.device(ifnone(device, 'cuda' if torch.cuda.is_available() else 'cpu'))
@@ -58,7 +59,7 @@ def load_segmenter(fn, # exported model (`model.pkl` from `train_nucleus` or `nu
         learn = load_learner(fn, cpu=cpu)
     return Segmenter(learn, device=device, **kwargs)
 
-# %% ../nbs/05_inference.ipynb #0d751bd4
+# %% ../nbs/05_inference.ipynb #780cfcd5
 @patch
 def _input(self:Segmenter, img):
     "Image (path, bytes or array) as a normalised (1,3,H,W) float tensor on the device"
@@ -82,7 +83,7 @@ def _forward(self:Segmenter, x):
     p = torch.stack([o.flip(f) if f else o for o,f in zip(p, flips)]).mean(0, keepdim=True)
     return p[..., :h, :w]
 
-# %% ../nbs/05_inference.ipynb #ac63e3ed
+# %% ../nbs/05_inference.ipynb #21e95526
 @patch
 def _tiles(self:Segmenter, n):
     "Start positions of overlapping tiles covering a side of length `n`"
@@ -105,14 +106,14 @@ def predict_probs(self:Segmenter, img, # image path, bytes or array
             cnt[..., i:i+self.tile, j:j+self.tile] += 1
     return (out/cnt)[0].cpu().numpy()
 
-# %% ../nbs/05_inference.ipynb #66109200
+# %% ../nbs/05_inference.ipynb #07558531
 @patch
 def segment(self:Segmenter, img, # image path, bytes or array
            )->np.ndarray: # uint16 instance labels, the image's size
     "Instance label image of `img`"
     return probs_to_instances(self.predict_probs(img), method=self.method, **self.kwargs)
 
-# %% ../nbs/05_inference.ipynb #a6d1071f
+# %% ../nbs/05_inference.ipynb #c37c928b
 IMAGE_EXTS = ('.png','.jpg','.jpeg','.tif','.tiff','.bmp')
 
 def _index_csv(fn):
@@ -140,7 +141,7 @@ def image_items(src, # image file, folder, list of files, index table, prepared 
     if not fs: raise FileNotFoundError(f"no images in {src}")
     return pd.DataFrame(dict(image_id=[f.stem for f in fs], image=fs))
 
-# %% ../nbs/05_inference.ipynb #9dca2639
+# %% ../nbs/05_inference.ipynb #80313f2f
 def save_label(label:np.ndarray, # integer label image
                fn, # destination PNG
               )->Path:
@@ -183,7 +184,7 @@ def segment_folder(seg:Segmenter, # the model
     if submission is not None: write_submission(preds, submission)
     return pd.DataFrame(rows)
 
-# %% ../nbs/05_inference.ipynb #666fdd25
+# %% ../nbs/05_inference.ipynb #972f1989
 def _true_label(r, truth=None):
     "True label image of index row `r`: from `truth` (solution), its `label` file, or the Kaggle `masks/` beside it"
     if truth is not None:
