@@ -9,7 +9,7 @@ __all__ = ['WEIGHTS_URL_ENV', 'NucleusLoss', 'target_to_instances', 'boundary_is
            'imagenet_weights_url', 'load_imagenet_weights', 'nucleus_learner', 'atomic_save', 'BestModelCallback',
            'CheckpointCallback', 'load_checkpoint', 'export_learner', 'train_nucleus']
 
-# %% ../nbs/04_learner.ipynb #c41d001a
+# %% ../nbs/04_learner.ipynb #d771e6cd
 import os, socket, warnings, inspect
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F, torchvision
@@ -23,7 +23,7 @@ from .data import dsb_dataloaders, instance_target
 from .instances import probs_to_instances, remove_small_instances
 from .metrics import dsb_score
 
-# %% ../nbs/04_learner.ipynb #6afb88a5
+# %% ../nbs/04_learner.ipynb #dc495e0e
 class NucleusLoss(nn.Module):
     "Cross-entropy with per-class weights (boundary weighted) plus soft Dice over the nucleus classes"
     def __init__(self,
@@ -45,7 +45,7 @@ class NucleusLoss(nn.Module):
     def activation(self, x): return F.softmax(x, dim=1)
     def decodes(self, x): return x.argmax(dim=1)
 
-# %% ../nbs/04_learner.ipynb #fc222145
+# %% ../nbs/04_learner.ipynb #83768bf8
 def target_to_instances(target:np.ndarray, # classes3 target (0 background, 1 interior, 2 boundary), or binary
                         distance:int=3, # how far interiors grow into the boundary
                         min_size:int=0, # drop recovered nuclei smaller than this (fragments cut by a crop's edge)
@@ -59,7 +59,7 @@ def target_to_instances(target:np.ndarray, # classes3 target (0 background, 1 in
     lbl[rest>0] = rest[rest>0] + lbl.max()
     return remove_small_instances(lbl, min_size) if min_size else lbl.astype(np.uint16)
 
-# %% ../nbs/04_learner.ipynb #d338ca80
+# %% ../nbs/04_learner.ipynb #aa6f797a
 def boundary_is_outer()->bool:
     "Whether `instance_target`'s boundary class lies outside the nuclei (else it is their inner ring)"
     lbl = np.zeros((7,7), np.uint16); lbl[2:5,2:5] = 1
@@ -87,7 +87,7 @@ class DSBMetric(Metric):
     @property
     def name(self): return 'dsb'
 
-# %% ../nbs/04_learner.ipynb #27c97697
+# %% ../nbs/04_learner.ipynb #437ad16c
 WEIGHTS_URL_ENV = 'NUCLEUS_SEG_WEIGHTS_URL'
 _weights_warned = set()
 
@@ -114,7 +114,7 @@ def load_imagenet_weights(arch, # a torchvision model function such as `resnet34
         return None
     finally: socket.setdefaulttimeout(old)
 
-# %% ../nbs/04_learner.ipynb #191d7531
+# %% ../nbs/04_learner.ipynb #94df63ba
 def _load_body(learn, arch, sd):
     "Copy the encoder part of the torchvision state dict `sd` into `learn.model`'s body"
     m = arch(weights=None)
@@ -144,7 +144,7 @@ def nucleus_learner(dls, # `DataLoaders` of images and classes3 (or binary) mask
         learn.to_channelslast(amp_mode=AMPMode.BF16)
     return learn
 
-# %% ../nbs/04_learner.ipynb #caa732f2
+# %% ../nbs/04_learner.ipynb #bebcabad
 def atomic_save(obj, # anything `torch.save` takes
                 fn, # destination file
                )->Path:
@@ -155,7 +155,7 @@ def atomic_save(obj, # anything `torch.save` takes
     finally: tmp.unlink(missing_ok=True)
     return fn
 
-# %% ../nbs/04_learner.ipynb #4a66e14f
+# %% ../nbs/04_learner.ipynb #d4cba166
 class _TrainedEpochs:
     "Mixin: `self.skipped` is True in `after_epoch` when the epoch was skipped (resume) or cancelled"
     def before_epoch(self): self.skipped = False
@@ -190,13 +190,14 @@ def load_checkpoint(learn:Learner, # learner built like the one that wrote the c
                     fn, # checkpoint written by `CheckpointCallback`
                    )->dict: # the checkpoint (`epoch`, `n_epoch`, `best`...)
     "Restore model and optimiser state from a `CheckpointCallback` file"
-    state = torch.load(fn, map_location='cpu', weights_only=False)
+    # fastai's optimiser keeps the loaded state tensors as they are: put them where training will run
+    state = torch.load(fn, map_location=ifnone(learn.dls.device, 'cpu'), weights_only=False)
     get_model(learn.model).load_state_dict(state['model'])
     if learn.opt is None: learn.create_opt()
     learn.opt.load_state_dict(state['opt'])
     return state
 
-# %% ../nbs/04_learner.ipynb #a105e990
+# %% ../nbs/04_learner.ipynb #58ece605
 def export_learner(learn:Learner, # trained learner
                    fn, # destination `.pkl`
                   )->Path:
@@ -206,7 +207,7 @@ def export_learner(learn:Learner, # trained learner
     finally: tmp.unlink(missing_ok=True)
     return fn
 
-# %% ../nbs/04_learner.ipynb #46c3c3fd
+# %% ../nbs/04_learner.ipynb #b9d4bb25
 def _tensorboard_cb(log_dir):
     "fastai's `TensorBoardCallback` writing to `log_dir`, or None with a warning when `tensorboard` is missing"
     try:
