@@ -20,7 +20,6 @@ from .data import read_image, read_mask, normalise_image, image_modality, read_l
 from .instances import probs_to_instances, outline_overlay
 from .metrics import image_report
 from .rle import write_submission, read_solution
-from .learner import instance_kwargs
 
 # %% ../nbs/05_inference.ipynb #4759657c
 class Segmenter:
@@ -36,7 +35,7 @@ class Segmenter:
                 ):
         if not 0 <= overlap < tile: raise ValueError(f"overlap ({overlap}) must be at least 0 and less than tile ({tile})")
         store_attr('tta,tile,overlap,stride,method')
-        self.kwargs = instance_kwargs(**kwargs)
+        self.kwargs = kwargs
         self.device = torch.device(ifnone(device, 'cuda' if torch.cuda.is_available() else 'cpu'))
         self.model = learn.model.eval().to(self.device)
         norm = first(learn.dls.after_batch.fs.filter(risinstance(Normalize)))

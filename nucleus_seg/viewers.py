@@ -197,7 +197,7 @@ def classical_probs(img, # uint8 image, grey or RGB, any modality
 class ClassicalSegmenter:
     "A no-training segmenter (Otsu + distance-transform watershed) with the interface of a trained model."
     name = 'classical baseline (Otsu threshold + distance-transform watershed), not a trained model'
-    def __init__(self, **kwargs): self.kwargs = dict(outer_boundary=False) | kwargs # `probs_to_instances` arguments
+    def __init__(self, **kwargs): self.kwargs = kwargs # `probs_to_instances` arguments
     def predict_probs(self, img)->np.ndarray:
         "Three-class pseudo-probabilities `(3,H,W)`."
         return classical_probs(img)
@@ -249,7 +249,7 @@ class PredictionExplorer:
                  interior_thresh:float=0.5, # initial `probs_to_instances` interior threshold
                  min_size:int=15, # initial `probs_to_instances` smallest nucleus, in pixels
                  max_cache:int=64, # most images whose probabilities are kept in memory
-                 **kwargs, # fixed `probs_to_instances` arguments, e.g. `outer_boundary=False` for `classical_probs`
+                 **kwargs, # fixed `probs_to_instances` arguments, e.g. `method='components'`
                 ):
         store_attr('probs_fn,max_cache,kwargs')
         self.df,self._probs,self._busy = df.reset_index(drop=True),{},False

@@ -110,7 +110,7 @@ def test_boundary_convention_matches_instance_extraction():
     l = read_label(prepare_dsb(DATA, 'train').label[0])
     probs = np.eye(3, dtype=np.float32)[instance_target(l)].transpose(2, 0, 1)
     from nucleus_seg.instances import probs_to_instances
-    assert dsb_score(l, probs_to_instances(probs, **instance_kwargs())) > 0.9
+    assert dsb_score(l, probs_to_instances(probs)) > 0.9
 
 
 # ---------- training: checkpoints, resume, export ----------

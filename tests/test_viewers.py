@@ -104,7 +104,7 @@ def test_explorer_sliders_and_table_change_output(few):
 def test_explorer_probs_cache_is_bounded(few):
     n = []
     def probs(img): n.append(1); return classical_probs(img)
-    e = PredictionExplorer(few, probs, max_cache=2, outer_boundary=False)
+    e = PredictionExplorer(few, probs, max_cache=2)
     assert len(e._probs) <= 2 and len(n) >= len(few)
 
 
