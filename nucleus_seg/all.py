@@ -3,6 +3,9 @@ from .data import *
 from .instances import *
 from .metrics import *
 from .rle import *
+from .learner import *
+from .inference import *
 from .viewers import *
 from .app import *
 from .speed import *
+# `nucleus_seg.cli` stays out: its command names (`train`, `predict`, `main`...) would shadow fastai's and others.
