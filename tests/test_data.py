@@ -1,7 +1,6 @@
 "Tests of `nucleus_seg.data` on the real DSB2018 zips: merging, cache, download over loopback, bad inputs."
 import io, os, shutil, threading, warnings, zipfile, functools, pickle
 from collections import Counter
-from http.server import ThreadingHTTPServer, SimpleHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np, pytest
@@ -175,18 +174,15 @@ def test_label_png_roundtrip(tmp_path):
 
 # ---------- download over loopback ----------
 @pytest.fixture
-def server(tmp_path):
+def server(tmp_path, serve_folder):
     "An HTTP server on 127.0.0.1 serving a small DSB2018 copy."
     root = tmp_path/'served'
     _make_zip(root/'stage1_train.zip', _small_ids())
     _make_zip(root/'stage1_test.zip', _small_ids(2), edit=lambda n, b: None if '/masks/' in n else b)
     (root/'stage1_solution.csv').write_text('ImageId,EncodedPixels,Height,Width,Usage\n')
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None
-    srv = ThreadingHTTPServer(('127.0.0.1', 0), handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True); t.start()
-    yield f'http://127.0.0.1:{srv.server_address[1]}/'
-    srv.shutdown(); srv.server_close()
+    base, stop = serve_folder(root)
+    yield base
+    stop()
 
 
 def test_download(server, tmp_path, monkeypatch):

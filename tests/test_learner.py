@@ -1,6 +1,5 @@
 "Tests of `nucleus_seg.learner` and `nucleus_seg.inference`: weights over loopback, loss, instances, resume, export, inference sizes."
 import os, threading, warnings, functools
-from http.server import ThreadingHTTPServer, SimpleHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np, pytest, torch, torchvision
@@ -22,19 +21,13 @@ def dls():
 
 
 @pytest.fixture(scope='module')
-def weights_server(tmp_path_factory):
-    "A 127.0.0.1 HTTP server serving the state dict of a randomly initialised resnet18; yields (url, state dict, stop)."
+def weights_server(tmp_path_factory, serve_folder):
+    "A 127.0.0.1 HTTP server serving the state dict of a randomly initialised resnet18; returns (url, state dict, stop)."
     d = tmp_path_factory.mktemp('weights')
     sd = torchvision.models.resnet18(weights=None).state_dict()
     torch.save(sd, d/'resnet18-random.pth')
-    srv = ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(SimpleHTTPRequestHandler, directory=str(d)))
-    srv.RequestHandlerClass.log_message = lambda *a, **k: None
-    t = threading.Thread(target=srv.serve_forever, daemon=True); t.start()
-    url = f'http://127.0.0.1:{srv.server_address[1]}/resnet18-random.pth'
-    def stop(): srv.shutdown(); srv.server_close()
-    yield url, sd, stop
-    try: stop()
-    except Exception: pass
+    base, stop = serve_folder(d)
+    return base + 'resnet18-random.pth', sd, stop
 
 
 # ---------- ImageNet weights ----------
