@@ -213,7 +213,7 @@ def test_download_errors(server, tmp_path, monkeypatch):
 
 # ---------- bad input ----------
 def test_missing_folder(tmp_path):
-    with pytest.raises(DSBDataError, match='does not exist'): prepare_dsb(tmp_path/'nope', cache=tmp_path/'c')
+    with pytest.raises(DSBDataError, match=f"{tmp_path/'nope'}: data folder does not exist"): prepare_dsb(tmp_path/'nope', cache=tmp_path/'c')
     (tmp_path/'empty').mkdir()
     with pytest.raises(DSBDataError, match='no stage1_train.zip'): prepare_dsb(tmp_path/'empty', cache=tmp_path/'c')
 
@@ -232,9 +232,9 @@ def test_not_a_zip(tmp_path):
 def test_empty_dataset(tmp_path):
     fn = tmp_path/'d'/'stage1_train.zip'; fn.parent.mkdir()
     zipfile.ZipFile(fn, 'w').close()
-    with pytest.raises(DSBDataError, match='empty dataset'): prepare_dsb(fn.parent, cache=tmp_path/'c')
+    with pytest.raises(DSBDataError, match=f'{fn}: empty dataset'): prepare_dsb(fn.parent, cache=tmp_path/'c')
     (tmp_path/'e'/'stage1_train').mkdir(parents=True)
-    with pytest.raises(DSBDataError, match='empty dataset'): prepare_dsb(tmp_path/'e', cache=tmp_path/'c')
+    with pytest.raises(DSBDataError, match=f"{tmp_path/'e'/'stage1_train'}: empty dataset"): prepare_dsb(tmp_path/'e', cache=tmp_path/'c')
 
 
 def test_corrupt_image(tmp_path):
@@ -268,21 +268,52 @@ def test_image_without_masks(tmp_path):
 def test_masks_without_image(tmp_path):
     ids = _small_ids()
     fn = _make_zip(tmp_path/'d'/'stage1_train.zip', ids, edit=lambda n, b: None if n.startswith(f'{ids[0]}/images/') else b)
-    with pytest.raises(DSBDataError, match='masks without an image'): prepare_dsb(fn.parent, cache=tmp_path/'c', progress=False)
+    with pytest.raises(DSBDataError, match=f'{ids[0]}/masks/.*: masks without an image'): prepare_dsb(fn.parent, cache=tmp_path/'c', progress=False)
 
 
-def test_bad_input_keeps_cache(small):
-    "A failed rebuild leaves the previous cache exactly as it was, and no temporary files."
+def _no_masks(ids): return lambda n, b: None if n.startswith(f'{ids[0]}/masks/') else b
+def _no_image(ids): return lambda n, b: None if n.startswith(f'{ids[0]}/images/') else b
+def _corrupt_image(ids):
+    bad = _zip_layout()[ids[0]][0]
+    return lambda n, b: b[:100] if n == bad else b
+def _corrupt_mask(ids):
+    bad = _zip_layout()[ids[0]][1][0]
+    return lambda n, b: b'\x89PNG\r\n\x1a\n garbage' if n == bad else b
+def _small_mask(ids):
+    bad = _zip_layout()[ids[0]][1][0]
+    return lambda n, b: _png(np.asarray(Image.open(io.BytesIO(b)))[:-3]) if n == bad else b
+
+def _break(data:Path, how:str):
+    "Replace the training source in `data` by bad input `how`; return the file the error must name."
+    fn, ids = data/'stage1_train.zip', _small_ids()
+    lay = _zip_layout()
+    if how == 'missing_folder':
+        fn.unlink(); return data
+    if how in ('empty_dataset', 'not_a_zip', 'zip_without_layout'):
+        fn.unlink()
+        if how == 'not_a_zip': fn.write_bytes(b'hello')
+        else:
+            with zipfile.ZipFile(fn, 'w') as z:
+                if how == 'zip_without_layout': z.writestr('pictures/cat.png', _png(np.zeros((4, 4), np.uint8)))
+        return fn
+    edit = dict(corrupt_image=_corrupt_image, corrupt_mask=_corrupt_mask, mask_size=_small_mask,
+                no_masks=_no_masks, no_image=_no_image)[how](ids)
+    _make_zip(fn, ids, edit=edit)
+    return {'corrupt_image': lay[ids[0]][0], 'no_masks': lay[ids[0]][0], 'no_image': lay[ids[0]][1][0],
+            'corrupt_mask': lay[ids[0]][1][0], 'mask_size': Path(lay[ids[0]][1][0]).name}[how]   # with its image's path
+
+@pytest.mark.parametrize('how', ['missing_folder', 'empty_dataset', 'not_a_zip', 'zip_without_layout', 'corrupt_image',
+                                 'corrupt_mask', 'mask_size', 'no_masks', 'no_image'])
+def test_bad_input_keeps_cache(small, how):
+    "Every bad input raises a DSBDataError naming the file, and leaves the previous cache exactly as it was."
     data, cache = small
     df = prepare_dsb(data, cache=cache, progress=False)
     before = _cache_state(cache)
-    ids = _small_ids()
-    bad = _zip_layout()[ids[0]][0]
-    _make_zip(data/'stage1_train.zip', ids, edit=lambda n, b: b[:100] if n == bad else b)
-    with pytest.raises(DSBDataError, match='cannot decode image'): prepare_dsb(data, cache=cache, progress=False)
-    assert _cache_state(cache) == before
-    with pytest.raises(DSBDataError): prepare_dsb(data, cache=cache, force=True, progress=False)
-    assert _cache_state(cache) == before
+    named = _break(data, how)
+    for force in (False, True):
+        with pytest.raises(DSBDataError) as e: prepare_dsb(data, cache=cache, force=force, progress=False)
+        assert str(named) in str(e.value), (how, str(e.value))
+        assert _cache_state(cache) == before, how
     assert all(p.exists() for p in df.image) and all(p.exists() for p in df.label)
 
 
