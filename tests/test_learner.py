@@ -149,6 +149,27 @@ def test_killed_run_resumes_and_exports(dls, tmp_path):
     assert (run/'model.pkl').exists()
 
 
+class _KillAfter(Callback):
+    order = 100
+    def __init__(self, epoch): self.kill_epoch = epoch
+    def after_epoch(self):
+        if self.epoch == self.kill_epoch: raise KeyboardInterrupt('simulated kill')
+
+
+def test_resume_continues_schedule_and_optimiser(dls, tmp_path):
+    "A resumed run trains the remaining epochs at the learning rates of an uninterrupted run, with the optimiser's state."
+    kw = dict(dls=dls, arch=resnet18, epochs=3, pretrained=False, export=None)
+    whole = train_nucleus(tmp_path/'whole', **kw)
+    with pytest.raises(KeyboardInterrupt): train_nucleus(tmp_path/'cut', cbs=_KillAfter(1), **kw)
+    resumed = train_nucleus(tmp_path/'cut', resume=True, **kw)
+    n = len(dls.train)
+    assert [len(v) > 0 for v in resumed.recorder.values] == [False, False, True]
+    assert len(resumed.recorder.lrs) == n and len(whole.recorder.lrs) == 3*n
+    assert np.allclose(resumed.recorder.lrs, whole.recorder.lrs[-n:])      # the one-cycle schedule's last third
+    p = resumed.opt.param_lists[0][0]
+    assert int(resumed.opt.state[p]['step']) == 3*n                           # Adam's state carried over, not restarted
+
+
 def test_atomic_save_keeps_old_file_on_failure(tmp_path):
     fn = atomic_save({'a': 1}, tmp_path/'x.pth')
     with pytest.raises(Exception): atomic_save({'f': lambda: 0}, fn)  # lambdas can't be pickled
