@@ -116,6 +116,8 @@ def test_predict_evaluate_submit(trained):
     assert p.returncode == 0, p.stderr[-2000:]
     assert 'valid' in p.stdout
     assert pd.read_csv(tmp/'submission.csv').ImageId.nunique() == 2
+    from nucleus_seg.rle import validate_submission
+    assert validate_submission(tmp/'submission.csv', test_df.iloc[:2])['n_images'] == 2   # the validator, not just the CLI's word
 
 
 @needs_data
