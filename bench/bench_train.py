@@ -26,6 +26,8 @@ from nucleus_seg.inference import Segmenter, evaluate_model, segment_folder, ima
 from nucleus_seg.rle import validate_submission
 
 ARCHS = dict(resnet18=resnet18, resnet34=resnet34, resnet50=resnet50)
+CPU_NOTE = ('CPU run, no GPU: these figures check the benchmark end to end; they are not measurements of the '
+            "GPU targets (score, training time, inference time, peak GPU memory)")
 
 
 def device_name(dev):
@@ -81,6 +83,9 @@ def main():
     out = Path(a.out)
     res = dict(device=device_name(dev), device_type=dev.type, date=time.strftime('%Y-%m-%d %H:%M:%S'),
                commit=git_commit(), torch=torch.__version__, fastai=fastai.__version__, args=vars(a))
+    if dev.type == 'cpu':
+        res['note'] = CPU_NOTE
+        print(f'NOTE: {CPU_NOTE}')
 
     # 1. training
     dl_kwargs = dict(device=dev) | ({} if a.workers is None else dict(num_workers=a.workers))
@@ -143,7 +148,8 @@ def markdown(r):
             ('inference + instances', f"{i['n_images']} test images in {i['seconds']} s ({i['images_per_s']} images/s, "
                                       f"TTA {'on' if i['tta'] else 'off'}); submission valid, {i['n_nuclei']} nuclei"),
             ('peak GPU memory (GiB)', r['peak_gpu_memory_gib']), ('torch / fastai', f"{r['torch']} / {r['fastai']}")]
-    return '# bench_train results\n\n| figure | value |\n|---|---|\n' + '\n'.join(f'| {k} | {v} |' for k, v in rows) + '\n'
+    head = '# bench_train results\n\n' + (f"**{r['note']}**\n\n" if r.get('note') else '')
+    return head + '| figure | value |\n|---|---|\n' + '\n'.join(f'| {k} | {v} |' for k, v in rows) + '\n'
 
 
 if __name__ == '__main__': main()
