@@ -6,13 +6,13 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/instances.html.md"""
 
 # %% auto #0
 __all__ = ['remove_small_instances', 'fill_instance_holes', 'label_components', 'watershed_instances', 'probs_to_instances',
-           'outline_overlay']
+           'target_to_instances', 'outline_overlay']
 
 # %% ../nbs/01_instances.ipynb #c3ec1dca
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.measure import label as _cc_label
-from skimage.segmentation import watershed, find_boundaries
+from skimage.segmentation import watershed, find_boundaries, expand_labels
 from skimage.feature import peak_local_max
 
 # %% ../nbs/01_instances.ipynb #e2071d68
@@ -114,6 +114,20 @@ def probs_to_instances(probs, # softmax probabilities (C,H,W): C=2 (bg, nucleus)
     if outer_boundary: lab = _drop_outer_ring(lab, probs)
     if fill_holes: lab = fill_instance_holes(lab)
     return remove_small_instances(lab, min_size)
+
+# %% ../nbs/01_instances.ipynb #83768bf8
+def target_to_instances(target:np.ndarray, # classes3 target (0 background, 1 interior, 2 boundary), or binary
+                        distance:int=3, # how far interiors grow into the boundary
+                        min_size:int=0, # drop recovered nuclei smaller than this (fragments cut by a crop's edge)
+                       )->np.ndarray: # uint16 label image
+    "Recover instances from a classes3 target: label interiors, grow them into the boundary, label what is left"
+    target = np.asarray(target)
+    fg = target>0
+    lbl = expand_labels(_cc_label(target==1, connectivity=1), distance)
+    lbl[~fg] = 0
+    rest = _cc_label(fg & (lbl==0), connectivity=1)
+    lbl[rest>0] = rest[rest>0] + lbl.max()
+    return remove_small_instances(lbl, min_size) if min_size else lbl.astype(np.uint16)
 
 # %% ../nbs/01_instances.ipynb #871df95a
 def _to_rgb_uint8(img):

@@ -9,6 +9,7 @@ from nucleus_seg.data import dsb_dataloaders, prepare_dsb, read_label, instance_
 from nucleus_seg.learner import *
 from nucleus_seg.inference import Segmenter, load_segmenter, evaluate_model, segment_folder, image_items
 from nucleus_seg.metrics import dsb_score
+from nucleus_seg.instances import target_to_instances
 
 DATA = Path(os.environ.get('NUCLEUS_SEG_DATA', Path(__file__).parents[1]/'..'/'shared'/'data'/'dsb2018'))
 pytestmark = pytest.mark.skipif(not (DATA/'stage1_train.zip').exists(), reason='DSB2018 data not found (set NUCLEUS_SEG_DATA)')
