@@ -1,5 +1,5 @@
 "Tests of `nucleus_seg.speed`: batched crops against a reference, compile_unet against eager, a 2-process CPU run."
-import json, os, shutil, subprocess, sys, textwrap
+import importlib.util, json, os, shutil, subprocess, sys, textwrap
 from pathlib import Path
 import numpy as np, pytest, torch
 from nucleus_seg.speed import ResidentData, ResidentDL, compile_unet
@@ -88,13 +88,14 @@ r = rank_distrib()
     batch_sums=seen, valid_loss=float(learn.recorder.values[-1][1]))))
 '''
 
-@pytest.mark.skipif(shutil.which('accelerate') is None, reason='accelerate not installed (dev extra)')
+@pytest.mark.skipif(importlib.util.find_spec('accelerate') is None, reason='accelerate not installed (dev extra)')
 def test_two_process_cpu_training(tmp_path):
     "`accelerate launch` with 2 processes on the CPU (gloo): both ranks train on their half of each epoch, rank 0 saves."
     (tmp_path/'train.py').write_text(TRAIN)
     # `--cpu` makes accelerate 1.x run a single process; `--multi_gpu` goes through torch.distributed.run and the
     # script's `Accelerator(cpu=True)` then uses gloo
-    cmd = ['accelerate', 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1', '--mixed_precision', 'no',
+    # this interpreter (not whichever `accelerate` script is first on PATH), so the ranks import the code under test
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1', '--mixed_precision', 'no',
            '--dynamo_backend', 'no', '--main_process_port', '29517', str(tmp_path/'train.py'), str(tmp_path)]
     env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1'}
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
