@@ -1,5 +1,5 @@
 "Tests of `nucleus_seg.speed`: batched crops against a reference, compile_unet against eager, a 2-process CPU run."
-import importlib.util, json, os, shutil, subprocess, sys, textwrap
+import importlib.util, json, os, subprocess, sys, textwrap
 from pathlib import Path
 import numpy as np, pytest, torch
 from nucleus_seg.speed import ResidentData, ResidentDL, compile_unet
