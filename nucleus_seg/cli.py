@@ -65,9 +65,8 @@ def train(out:str='nucleus_run', # run folder: checkpoints in models/, the expor
 
 # %% ../nbs/08_cli.ipynb #32a6ec9c
 def _segmenter(model, cpu=False, tta=True, tile=1024):
-    "Load the exported `model` for inference, with a clear error when it is missing"
+    "Load the exported `model` for inference (a missing file raises `FileNotFoundError`, which `main` reports)"
     from nucleus_seg.inference import load_segmenter
-    if not Path(model).is_file(): raise CliError(f"model file not found: {model}")
     return load_segmenter(model, device='cpu' if cpu else None, tta=tta, tile=tile)
 
 @call_parse

@@ -32,19 +32,13 @@ def label_colors(n:int, # number of labels (colours for 1..n)
     return np.concatenate([np.zeros((1,3), np.uint8), rgb])
 
 # %% ../nbs/06_viewers.ipynb #6c2ea87c
-def _rgb(img):
-    "Image as uint8 HxWx3."
-    img = np.asarray(img)
-    if img.ndim == 2: img = np.stack([img]*3, -1)
-    return img[...,:3].astype(np.uint8)
-
 def tint(img, # uint8 image, grey or RGB
          label, # integer label image of the same height and width
          colors, # `(label.max()+1, 3)` uint8 palette, row 0 ignored
          alpha:float=0.4, # opacity of the tint
         )->np.ndarray:
     "Blend each labelled pixel of `img` with its label's colour."
-    img,label = _rgb(img),np.asarray(label)
+    img,label = read_image(np.asarray(img)),np.asarray(label)
     fg = (label > 0)[...,None]
     mix = (1-alpha)*img + alpha*np.asarray(colors)[label]
     return np.where(fg, mix, img).round().astype(np.uint8)
