@@ -3,7 +3,7 @@ import importlib, json, re, sys
 from pathlib import Path
 
 proc = Path('_proc')
-TEXT_ONLY = {'03_rle', '08_cli'}  # pages whose evidence is tables and text, not pictures
+TEXT_ONLY = {'04_rle', '09_cli', 'pipeline'}  # pages whose evidence is tables and text, not pictures
 if not proc.exists(): sys.exit('no _proc folder: run nbdev-proc-nbs first')
 problems, n_pages = [], 0
 for fn in sorted(proc.glob('*.ipynb')):
@@ -13,7 +13,7 @@ for fn in sorted(proc.glob('*.ipynb')):
     orig = json.loads((Path('nbs')/fn.name).read_text())['cells']  # the processed page drops `default_exp`
     m = next((re.search(r'^#\|\s*default_exp\s+(\S+)', ''.join(c['source']), re.M) for c in orig
               if 'default_exp' in ''.join(c['source'])), None)
-    n_imgs = sum('image/png' in o.get('data', {}) for c in cells for o in c.get('outputs', []))
+    n_imgs = sum(bool({'image/png', 'image/jpeg'} & set(o.get('data', {}))) for c in cells for o in c.get('outputs', []))
     docs = ''.join(''.join(o.get('data', {}).get('text/markdown', '')) for c, s in zip(cells, src)
                    if 'show_doc(' in s for o in c.get('outputs', []))
     n_pages += 1

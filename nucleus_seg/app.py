@@ -1,4 +1,4 @@
-"""Drop microscopy images on a web page and get the nuclei back: overlay, count, per-nucleus table, label image and RLE CSV. Served by Voila with `nucleus-seg app`.
+"""Drop microscopy images on a web page and get the nuclei back: overlay, count, per-nucleus table, label image and RLE CSV. Served by Voila with `nucleus-seg app`; scripts post images to its HTTP endpoint, `nucleus-seg app --api`.
 
 Docs: https://nucleus-seg.github.io/nucleus_seg/app.html.md"""
 
@@ -6,18 +6,21 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/app.html.md"""
 
 # %% auto #0
 __all__ = ['MAX_PIXELS', 'MAX_BYTES', 'UploadError', 'decode_upload', 'SegmentationResult', 'segment_upload', 'app_segmenter',
-           'download_link', 'NucleusApp', 'app_notebook', 'free_port', 'serve_app', 'wait_for_port', 'app']
+           'download_link', 'NucleusApp', 'app_notebook', 'free_port', 'serve_app', 'wait_for_port', 'api_app',
+           'run_api', 'serve_api', 'app']
 
 # %% ../nbs/08_app.ipynb #534bfd0d
-import io, os, sys, json, time, base64, socket, signal, tempfile, threading, subprocess
+import io, os, sys, json, time, base64, socket, signal, asyncio, tempfile, threading, subprocess
 from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from html import escape
 import numpy as np, pandas as pd
 import ipywidgets as W
 from PIL import Image
 from fastcore.basics import store_attr, patch
+from fastcore.script import store_true
 from .io import read_image, DSBDataError, nucleus_table, label_png
-from .rle import rle_csv
+from .rle import rle_csv, label_to_rles
 from .viewers import mask_overlay, png_bytes
 
 # %% ../nbs/08_app.ipynb #a1d3e10c
@@ -86,6 +89,10 @@ def segment_upload(name:str, # file name
     t0 = time.perf_counter()
     label = np.asarray(segmenter.segment(img))
     return SegmentationResult(name, img, label, time.perf_counter()-t0)
+
+def _failure(name:str, e:Exception)->str:
+    "What the user is told about an upload that raised `e`: the `UploadError` message, or that segmentation failed."
+    return str(e) if isinstance(e, UploadError) else f'{name}: segmentation failed ({type(e).__name__}: {e})'
 
 # %% ../nbs/08_app.ipynb #f2575cf1
 def app_segmenter(model=None, # model file; default `$NUCLEUS_SEG_MODEL`, else the bundled model; 'classical': the baseline
@@ -176,8 +183,7 @@ def process(self:NucleusApp,
         try:
             r = segment_upload(name, f['content'], self.segmenter, self.max_pixels)
             self.results.append(r); cards.append(self.result_card(r))
-        except UploadError as e: cards.append(self.error_card(str(e)))
-        except Exception as e: cards.append(self.error_card(f'{name}: segmentation failed ({type(e).__name__}: {e})'))
+        except Exception as e: cards.append(self.error_card(_failure(name, e)))
         self.cards.children = tuple(cards)
     n_err = len(files) - len(self.results)
     self.status.value = (f'{len(self.results)} image(s) segmented' + (f', {n_err} file(s) refused' if n_err else '') +
@@ -258,13 +264,129 @@ def wait_for_port(port:int, # port to poll
         except OSError: time.sleep(0.25)
     raise TimeoutError(f'nothing listening on {ip}:{port} after {timeout} s')
 
+# %% ../nbs/08_app.ipynb #c013309e
+@patch
+def to_json(self:SegmentationResult,
+            label:bool=False, # add the label image, a 16-bit PNG in base64
+           )->dict:
+    "The result as JSON-ready data: name, size, count, timing, nucleus table and one RLE per nucleus."
+    h,w = self.img.shape[:2]
+    d = dict(name=self.name, image_id=self.image_id, count=self.count, width=w, height=h, seconds=round(self.seconds, 3),
+             nuclei=self.table.to_dict('records'), rle=label_to_rles(self.label))
+    if label: d['label_png'] = base64.b64encode(self.label_png).decode()
+    return d
+
+# %% ../nbs/08_app.ipynb #a35a3d2d
+def _limited(receive, # the request's ASGI `receive`
+             max_bytes:int, # largest body accepted
+            ):
+    "`receive` that raises a 413 `HTTPException` as soon as the body received grows past `max_bytes`."
+    from starlette.exceptions import HTTPException
+    n = 0
+    async def _receive():
+        nonlocal n
+        msg = await receive()
+        n += len(msg.get('body', b''))
+        if n > max_bytes: raise HTTPException(413, f'the request is larger than {max_bytes/2**20:.0f} MB')
+        return msg
+    return _receive
+
+class _OneAtATime:
+    "A segmenter whose `segment` runs one image at a time, whatever the number of threads calling it."
+    def __init__(self, segmenter): self.segmenter,self.lock = segmenter,threading.Lock()
+    def segment(self, img):
+        with self.lock: return self.segmenter.segment(img)
+
+def _segment_json(name, content, segmenter, max_pixels, label)->dict:
+    "JSON answer for one upload: the result, or its name and what went wrong."
+    try: return segment_upload(name, content, segmenter, max_pixels).to_json(label)
+    except Exception as e: return dict(name=name, error=_failure(name, e))
+
+# %% ../nbs/08_app.ipynb #5067f023
+def api_app(segmenter=None, # object with `segment(img) -> label`; default `app_segmenter()`
+            max_pixels:int=MAX_PIXELS, # largest image accepted, in pixels
+            max_bytes:int=MAX_BYTES, # largest request body accepted, in bytes
+            workers:int=1, # uploads in memory at once (read, decoded, waiting for or in segmentation)
+            max_files:int=16, # most files in one request
+           ):
+    "Starlette app: `POST /segment` segments multipart image uploads and answers JSON per file; `GET /` describes it."
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    segmenter = app_segmenter() if segmenter is None else segmenter
+    name = getattr(segmenter, 'name', None) or type(segmenter).__name__
+    seg = _OneAtATime(segmenter)
+    slots,pool = asyncio.Semaphore(workers),ThreadPoolExecutor(workers, thread_name_prefix='segment')
+    info = dict(service='nucleus-seg', segmenter=name, max_bytes=max_bytes, max_pixels=max_pixels, max_files=max_files,
+                workers=workers, usage='POST /segment with multipart/form-data holding one or more image files '
+                                      '(PNG, JPEG or TIFF); ?label=1 adds each label image as a base64 16-bit PNG')
+
+    async def one(f, label):
+        async with slots:  # only here are a file's bytes in memory
+            content = await f.read()
+            return await asyncio.get_running_loop().run_in_executor(
+                pool, _segment_json, f.filename or 'upload', content, seg, max_pixels, label)
+
+    async def segment(request):
+        if int(request.headers.get('content-length') or 0) > max_bytes:
+            raise HTTPException(413, f'the request is larger than {max_bytes/2**20:.0f} MB')
+        request = Request(request.scope, _limited(request.receive, max_bytes))
+        label = request.query_params.get('label', '') not in ('', '0', 'false')
+        async with request.form(max_files=max_files) as form:
+            files = [f for _,f in form.multi_items() if isinstance(f, UploadFile)]
+            if not files: raise HTTPException(400, 'no file in the request: post multipart/form-data with one or more images')
+            results = [await one(f, label) for f in files]
+        ok = any('error' not in r for r in results)
+        return JSONResponse(dict(segmenter=name, results=results), status_code=200 if ok else 422)
+
+    async def usage(request): return JSONResponse(info)
+    async def error(request, exc): return JSONResponse(dict(error=exc.detail), status_code=exc.status_code)
+    return Starlette(routes=[Route('/', usage), Route('/segment', segment, methods=['POST'])],
+                     exception_handlers={HTTPException: error})
+
+# %% ../nbs/08_app.ipynb #e7805167
+def run_api(model=None, # model file; default `$NUCLEUS_SEG_MODEL`, else the bundled model; 'classical': the baseline
+            port:int=8866, # port to serve on (0: any free port)
+            ip:str='127.0.0.1', # address to listen on
+            max_pixels:int=None, # largest image accepted, in pixels; default `MAX_PIXELS`
+            workers:int=1, # uploads in memory at once (see `api_app`)
+           ):
+    "Serve `api_app` with uvicorn in this process until interrupted."
+    import uvicorn
+    port = port or free_port(ip)
+    api = api_app(app_segmenter(model), max_pixels=max_pixels or MAX_PIXELS, workers=workers)
+    print(f'nucleus-seg app --api: POST images to http://{ip}:{port}/segment (Ctrl+C to stop)', flush=True)
+    uvicorn.run(api, host=ip, port=port, log_level='warning', timeout_graceful_shutdown=5)
+
+def serve_api(model=None, # model file; default `$NUCLEUS_SEG_MODEL`, else the bundled model; 'classical': the baseline
+              port:int=0, # port to serve on (0: any free port)
+              ip:str='127.0.0.1', # address to listen on
+              max_pixels:int=None, # largest image accepted, in pixels; default `MAX_PIXELS`
+              workers:int=1, # uploads in memory at once (see `api_app`)
+              log=None, # file object for the server's output; default inherit
+             )->subprocess.Popen:
+    "Start the HTTP endpoint (`run_api`) in a subprocess; the returned process has `.url` and `.port`."
+    if model and model != 'classical' and not Path(model).exists(): raise FileNotFoundError(f"model file {model} not found")
+    port = port or free_port(ip)
+    args = dict(model=model, port=port, ip=ip, max_pixels=max_pixels, workers=workers)
+    cmd = [sys.executable, '-c', f'from nucleus_seg.app import run_api; run_api(**{args!r})']
+    proc = subprocess.Popen(cmd, env=dict(os.environ, MPLBACKEND='Agg'), stdout=log, stderr=subprocess.STDOUT if log else None)
+    proc.url,proc.port = f'http://{ip}:{port}/',port
+    return proc
+
 # %% ../nbs/08_app.ipynb #7dd52921
 def app(model:str=None, # model file; default `$NUCLEUS_SEG_MODEL`, else the bundled model; 'classical': the baseline
         port:int=8866, # port to serve on
         ip:str='127.0.0.1', # address to listen on (127.0.0.1: this machine only)
         max_pixels:int=None, # largest image accepted, in pixels
+        api:store_true=False, # serve the HTTP endpoint for scripts (`POST /segment`, JSON) instead of the page
+        workers:int=1, # with --api: uploads in memory at once
        ):
-    "Serve the nucleus segmentation web app with Voila until interrupted (`nucleus-seg app`)."
+    "Serve the nucleus segmentation web app with Voila until interrupted, or its HTTP endpoint with `api` (`nucleus-seg app`)."
+    if api: return run_api(model, port, ip, max_pixels, workers)
     proc = serve_app(model, port, ip, max_pixels=max_pixels)
     if threading.current_thread() is threading.main_thread():  # `kill` stops Voila too, like Ctrl+C
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

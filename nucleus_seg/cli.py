@@ -8,13 +8,13 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/cli.html.md"""
 __all__ = ['COMMANDS', 'say', 'prepare', 'train', 'tune', 'predict', 'evaluate', 'submit', 'usage', 'ArgumentError',
            'command_parser', 'main']
 
-# %% ../nbs/09_cli.ipynb #d2952209
+# %% ../nbs/09_cli.ipynb #553801b6
 import os, sys, importlib, warnings
 from pathlib import Path
 from typing import Annotated
 from fastcore.script import call_parse, anno_parser, store_true, bool_arg, CliError
 
-# %% ../nbs/09_cli.ipynb #fd0c7feb
+# %% ../nbs/09_cli.ipynb #31054abd
 def say(msg:str):
     "Print one `nucleus-seg: ...` line to stderr"
     print(f"nucleus-seg: {str(msg).splitlines()[0] if str(msg) else msg}", file=sys.stderr, flush=True)
@@ -33,7 +33,7 @@ def _segmenter(model=None, cpu=False, **kwargs):
 
 def _report(image_id, msg): say(msg)
 
-# %% ../nbs/09_cli.ipynb #e7a69027
+# %% ../nbs/09_cli.ipynb #fcf483d7
 @call_parse
 def prepare(data:str=None, # DSB2018 folder holding the zips or extracted folders (default: $NUCLEUS_SEG_DATA)
             cache:str=None, # cache folder (default: $NUCLEUS_SEG_CACHE or ~/.cache/nucleus_seg)
@@ -47,7 +47,7 @@ def prepare(data:str=None, # DSB2018 folder holding the zips or extracted folder
         df = prepare_dsb(p, split=split, cache=cache, force=force)
         print(f"{split}: {len(df)} images" + (f", {int(df.n_nuclei.sum())} nuclei" if split=='train' else ''))
 
-# %% ../nbs/09_cli.ipynb #e452665c
+# %% ../nbs/09_cli.ipynb #369fe39b
 def _zoom(s:str):
     "`--zoom` as a (smallest, largest) pair, or None for 'none'"
     if s is None or s.lower()=='none': return None
@@ -61,13 +61,14 @@ def train(out:str='nucleus_run', # run folder: model.safetensors, checkpoints in
           data:str=None, # DSB2018 location (default: $NUCLEUS_SEG_DATA)
           cache:str=None, # cache folder (default: $NUCLEUS_SEG_CACHE)
           arch:str='compact', # encoder: compact, resnet18, resnet34, resnet50, xresnet18, xresnet34
-          epochs:int=60, # one-cycle epochs
+          epochs:int=56, # one-cycle epochs
           lr:float=3e-3, # peak learning rate
           bs:int=16, # batch size
-          crop:int=256, # training crop size
+          crop:int=128, # training crop size
+          valid_crop:int=None, # validation crop size, whose score picks the best epoch (default: --crop)
           n_items:int=None, # use only this many images (tiny runs)
-          input_mode:str='hed', # network input: hed (hematoxylin for colour images), grey, or rgb
-          zoom:str='0.5,1.5', # random rescaling range, or none
+          input_mode:str='grey', # network input: grey, hed (hematoxylin for colour images), or rgb
+          zoom:str='none', # random rescaling range such as 0.5,1.5, or none
           scratch:store_true=False, # train a resnet from scratch, without ImageNet weights
           weights_url:str=None, # ImageNet weights URL (default: $NUCLEUS_SEG_WEIGHTS_URL or torchvision's)
           resume:store_true=False, # continue from out/models/last.pth
@@ -77,20 +78,20 @@ def train(out:str='nucleus_run', # run folder: model.safetensors, checkpoints in
           seed:int=42, # split and initialisation seed
          ):
     "Train the U-Net, keep the best validation DSB model, tune it, and write out/model.safetensors"
-    _positive(epochs=epochs, lr=lr, bs=bs, crop=crop, n_items=n_items)
+    _positive(epochs=epochs, lr=lr, bs=bs, crop=crop, valid_crop=valid_crop, n_items=n_items)
     from nucleus_seg.learner import train_nucleus, ARCHS
     from nucleus_seg.io import INPUT_MODES
     if arch not in ARCHS: raise CliError(f"unknown --arch {arch!r} (choose from {', '.join(ARCHS)})")
     if input_mode not in INPUT_MODES: raise CliError(f"unknown --input-mode {input_mode!r} (choose from {', '.join(INPUT_MODES)})")
-    learn = train_nucleus(out, data=data, cache=cache, arch=arch, epochs=epochs, lr=lr, bs=bs, crop=crop, n_items=n_items,
+    learn = train_nucleus(out, data=data, cache=cache, arch=arch, epochs=epochs, lr=lr, bs=bs, crop=crop, valid_crop=valid_crop, n_items=n_items,
                           input_mode=input_mode, zoom=_zoom(zoom), pretrained=False if scratch else None,
                           weights_url=weights_url, resume=resume, tune=tune, tensorboard=tensorboard, seed=seed,
                           compile=compile or False)
     s = learn.nucleus.get('scores', {})
-    if s: print(f"validation DSB {s['valid_dsb']:.4f} (untuned {s['untuned_dsb']:.4f}); re-weighted to the test mix {s['test_mix_dsb']}")
+    if s: print(f"validation DSB {s['valid_dsb']:.4f} (default thresholds {s['default_thresholds_dsb']:.4f}); re-weighted to the test mix {s['test_mix_dsb']}")
     print(f"model: {Path(out)/'model.safetensors'}")
 
-# %% ../nbs/09_cli.ipynb #e948c634
+# %% ../nbs/09_cli.ipynb #5377d6ed
 def _valid_items(model=None, data=None, cache=None):
     "The validation images the model file `model` (default: the bundled one) was selected on"
     from nucleus_seg.inference import DEFAULT_MODEL
@@ -114,9 +115,9 @@ def tune(model:str, # model file to tune (model.safetensors); its thresholds and
     cfg = tune_model(model, items, n_workers=n_workers, device='cpu' if cpu else None)
     s = cfg['scores']
     print(f"thresholds: {cfg['postprocess']}")
-    print(f"validation DSB {s['untuned_dsb']:.4f} -> {s['valid_dsb']:.4f} on {s['n_valid']} images; written to {model}")
+    print(f"validation DSB {s['before_tuning_dsb']:.4f} -> {s['valid_dsb']:.4f} on {s['n_valid']} images (default thresholds: {s['default_thresholds_dsb']:.4f}); written to {model}")
 
-# %% ../nbs/09_cli.ipynb #4ce47bca
+# %% ../nbs/09_cli.ipynb #fc74171f
 def _skipped(df, out=None)->int:
     "Say how many files were skipped, where they are listed; the exit status (3 when any, else 0)"
     n = int((df.status=='failed').sum()) if len(df) else 0
@@ -144,7 +145,7 @@ def predict(src:str, # an image file or a folder of images (searched recursively
     print(f"{len(ok)} images, {int(ok.n_nuclei.sum())} nuclei -> {out}")
     return _skipped(df, out)
 
-# %% ../nbs/09_cli.ipynb #144aba6e
+# %% ../nbs/09_cli.ipynb #eb3ef9a4
 @call_parse
 def evaluate(src:Annotated[str, dict(opt=False, nargs='?')]=None, # labelled images: a prepared split folder, an index CSV (run/valid.csv), a Kaggle-layout folder, or images with --solution (default: the model's validation images)
              model:str=None, # model file (default: the bundled model)
@@ -171,7 +172,7 @@ def evaluate(src:Annotated[str, dict(opt=False, nargs='?')]=None, # labelled ima
     failed = pd.DataFrame(df.attrs.get('failed', []), columns=['image_id','image','error']).assign(status='failed')
     return _skipped(failed)
 
-# %% ../nbs/09_cli.ipynb #30cd3c5c
+# %% ../nbs/09_cli.ipynb #40c81dac
 @call_parse
 def submit(model:str=None, # model file (default: the bundled model)
            out:str='submission.csv', # the submission CSV
@@ -196,7 +197,7 @@ def submit(model:str=None, # model file (default: the bundled model)
     print(f"{out}: {res['n_images']} images, {res['n_nuclei']} nuclei, valid ({time.perf_counter()-t0:.1f} s)")
     return _skipped(df)
 
-# %% ../nbs/09_cli.ipynb #dfb3aea1
+# %% ../nbs/09_cli.ipynb #d2b76ac9
 COMMANDS = dict(prepare=prepare, train=train, tune=tune, predict=predict, evaluate=evaluate, submit=submit,
                 app='nucleus_seg.app:app') # the web app (08_app); imported only when used
 _SUMMARIES = dict(app="Serve the nucleus segmentation web app (Voila)")
@@ -220,7 +221,7 @@ def usage()->str:
                       "'nucleus-seg COMMAND --help' lists a command's options; --debug shows tracebacks.",
                       "Exit status: 0 done, 1 error, 2 bad arguments, 3 done but some files skipped, 130 interrupted."])
 
-# %% ../nbs/09_cli.ipynb #10136d0a
+# %% ../nbs/09_cli.ipynb #572a0173
 class ArgumentError(CliError):
     "A command line argument that the subcommand's parser rejects"
 
@@ -232,7 +233,7 @@ def command_parser(name:str, # subcommand name, a key of `COMMANDS`
     p.error = _error
     return p
 
-# %% ../nbs/09_cli.ipynb #73b26886
+# %% ../nbs/09_cli.ipynb #c189bff3
 def _fail(msg, code=1):
     "Print a one-line `nucleus-seg: error: ...` to stderr and return `code`"
     print(f"nucleus-seg: error: {str(msg).splitlines()[0] if str(msg) else type(msg).__name__}", file=sys.stderr)

@@ -30,7 +30,7 @@ from fastai.data.block import DataBlock
 from fastai.data.transforms import Normalize, IntToFloatTensor
 from fastai.vision.core import PILImage, PILMask, imagenet_stats
 from fastai.vision.data import ImageBlock, MaskBlock
-from fastai.vision.augment import RandomCrop, Dihedral, Brightness, Contrast, Saturation, Hue, Zoom
+from fastai.vision.augment import RandomCrop, CropPad, Dihedral, Brightness, Contrast, Saturation, Hue, Zoom
 from fastai.torch_core import TensorImage, TensorMask, default_device
 
 # %% ../nbs/01_data.ipynb #799d4fa8
@@ -117,7 +117,7 @@ def merge_masks(masks, # binary H×W arrays, one per nucleus
     return lbl
 
 # %% ../nbs/01_data.ipynb #4afe4752
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 _LAYOUT = re.compile(r'^(?:.*/)?([^/]+)/(images|masks)/([^/]+)$')
 
 def dsb_cache(cache=None)->Path:
@@ -175,9 +175,9 @@ def _load_index(out:Path)->pd.DataFrame:
     return df[_COLS]
 
 def _cached(out:Path, fp:dict):
-    "The cached index in `out` if its fingerprint is `fp` and its files exist, else `None`."
+    "The cached index in `out` if its fingerprint is `fp` (any, when `fp` is None) and its files exist, else `None`."
     try:
-        if json.loads((out/'source.json').read_text()) != fp: return None
+        if fp is not None and json.loads((out/'source.json').read_text()) != fp: return None
         df = _load_index(out)
     except Exception: return None
     if all(p.exists() for p in df['image']) and all(p.exists() for p in df['label'] if p is not None): return df
@@ -213,7 +213,8 @@ def _build(src:_Source, split:str, tmp:Path, progress:bool=True)->pd.DataFrame:
     for iid, (ie, mes) in nucleus_progress(list(items.items()), desc=f'merging the {split} masks', show=progress):
         img = read_image(src.read(ie), name=src.name(ie))
         h, w = img.shape[:2]
-        save_image(img, tmp/'images'/f'{iid}.png')
+        grey = not (img != img[..., :1]).any()
+        save_image(img[..., 0] if grey else img, tmp/'images'/f'{iid}.png')  # grey stored as one channel
         row = dict(image_id=iid, image=f'images/{iid}.png', label='', height=h, width=w,
                    modality=image_modality(img), n_nuclei=None, overlap_px=None)
         if labelled:
@@ -232,6 +233,8 @@ def prepare_dsb(path=None, # data folder or zip (see `dsb_path`)
                 progress:bool=True, # show progress while building (a bar, or plain lines in logs)
                )->pd.DataFrame:
     "Decode and merge a DSB2018 split once into the cache; return its index."
+    if path is None and not os.environ.get('NUCLEUS_SEG_DATA') and not any(_split_source(_default_data(), s) for s in ('train', 'test')):
+        if not force and (df := _cached(dsb_cache(cache)/split, None)) is not None: return df  # a cache whose source is gone
     p = dsb_path(path)
     if (s := _split_source(p, split)) is None: raise DSBDataError(f'{p}: no stage1_{split}.zip or stage1_{split}/ found')
     src, out = _Source(s), dsb_cache(cache)/split
@@ -327,12 +330,17 @@ def dsb_datablock(target:str='classes3', # 'binary' or 'classes3'
                   valid_pct:float=0.2, # validation fraction per modality
                   seed:int=42, # split seed
                   zoom:tuple=None, # random rescaling range (see `dsb_batch_tfms`)
+                  valid_crop:int=None, # validation centre-crop size (default: `crop`)
                  )->DataBlock:
     "A `DataBlock` over DSB2018 index rows: cropped images and `instance_target` masks."
+    crops = [RandomCrop(crop)]
+    if valid_crop and valid_crop != crop:
+        crops[0].split_idx = 0  # training only; validation is centre-cropped (zero-padded) to `valid_crop`
+        crops.append(CropPad(valid_crop)); crops[1].split_idx = 1
     return DataBlock(blocks=(ImageBlock, MaskBlock(TARGET_CODES[target])),
                      get_x=ReadDSBImage(input_mode), get_y=ReadDSBTarget(target),
                      splitter=ModalitySplitter(valid_pct, seed),
-                     item_tfms=RandomCrop(crop), batch_tfms=dsb_batch_tfms(input_mode, zoom=zoom))
+                     item_tfms=crops, batch_tfms=dsb_batch_tfms(input_mode, zoom=zoom))
 
 # %% ../nbs/01_data.ipynb #712e5be6
 def modality_subset(df:pd.DataFrame, # a `prepare_dsb` index
@@ -469,7 +477,8 @@ class ResidentDL(TfmdDL):
 def dsb_dataloaders(path=None, # data folder or zip (see `dsb_path`)
                     target:str='classes3', # 'binary' or 'classes3'
                     bs:int=16, # batch size
-                    crop:int=256, # crop size
+                    crop:int=256, # training crop size
+                    valid_crop:int=None, # validation centre-crop size (default: `crop`); larger crops hold more nuclei to score
                     valid_pct:float=0.2, # validation fraction per modality
                     seed:int=42, # split and subset seed
                     n_items:int=None, # use a subset of this many images (covering all modalities)
@@ -489,10 +498,10 @@ def dsb_dataloaders(path=None, # data folder or zip (see `dsb_path`)
         tr, va = ModalitySplitter(valid_pct, seed)(df)
         ds = [ResidentData.from_index(df.iloc[i], input_mode, target, device, split_idx=s, n_workers=n_workers)
               for s, i in ((0, tr), (1, va))]
-        dls = DataLoaders(*[ResidentDL(d, bs, crop, input_mode=input_mode, zoom=zoom, device=device, **kwargs) for d in ds],
-                          device=device)
+        dls = DataLoaders(*[ResidentDL(d, bs, c, input_mode=input_mode, zoom=zoom, device=device, **kwargs)
+                            for d,c in zip(ds, (crop, valid_crop or crop))], device=device)
     else:
-        dls = dsb_datablock(target, crop, input_mode, valid_pct, seed, zoom).dataloaders(
+        dls = dsb_datablock(target, crop, input_mode, valid_pct, seed, zoom, valid_crop).dataloaders(
             df, bs=bs, num_workers=n_workers, device=device, **kwargs)
     dls.input_mode = input_mode
     return dls

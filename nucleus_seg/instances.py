@@ -99,12 +99,13 @@ def probs_to_instances(probs, # softmax probabilities (C,H,W): C=2 (bg, nucleus)
                        min_distance:int=4, # C==2 watershed: minimum distance between distance-transform peaks
                       ) -> np.ndarray:
     "Label image (uint16, 1..N, no overlaps) from network softmax probabilities."
-    probs = np.asarray(probs, dtype=np.float32)
+    probs = np.asarray(probs)
+    if not np.issubdtype(probs.dtype, np.floating): probs = probs.astype(np.float32)  # float16 is kept: large images
     if probs.ndim != 3 or probs.shape[0] not in (2,3):
         raise ValueError(f"probs must be (C,H,W) with C=2 or 3, got shape {probs.shape}")
     if method == 'auto': method = 'watershed' if probs.shape[0]==3 else 'components'
     if method not in ('components','watershed'): raise ValueError(f"unknown method {method!r}")
-    fg = 1 - probs[0] > fg_thresh
+    fg = probs[0] < 1 - fg_thresh
     if method == 'components': return label_components(fg, min_size, fill_holes)
     if probs.shape[0] == 2:
         dist = ndi.distance_transform_edt(fg)

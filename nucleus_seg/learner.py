@@ -7,9 +7,9 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/learner.html.md"""
 # %% auto #0
 __all__ = ['ARCHS', 'WEIGHTS_URL_ENV', 'MODEL_FORMAT', 'MODEL_FORMAT_VERSION', 'NucleusLoss', 'DSBMetric', 'encoder_fn',
            'unet_model', 'imagenet_weights_url', 'load_imagenet_weights', 'nucleus_learner', 'atomic_save',
-           'BestModelCallback', 'CheckpointCallback', 'load_checkpoint', 'ModelFileError', 'save_model', 'read_model',
-           'load_model', 'learner_from_file', 'update_model', 'compile_unet', 'fix_gloo_broadcast', 'check_run_folder',
-           'TrainTimer', 'train_nucleus']
+           'BestModelCallback', 'CheckpointCallback', 'HistoryCallback', 'read_checkpoint', 'load_checkpoint',
+           'ModelFileError', 'save_model', 'read_model', 'load_model', 'learner_from_file', 'update_model',
+           'compile_unet', 'fix_gloo_broadcast', 'check_run_folder', 'TrainTimer', 'train_nucleus']
 
 # %% ../nbs/05_learner.ipynb #d771e6cd
 import os, sys, json, socket, time, warnings, datetime, contextlib
@@ -199,12 +199,31 @@ class CheckpointCallback(_TrainedEpochs, Callback):
                      n_epoch=self.n_epoch, best=best)
         atomic_save(state, self.path/self.model_dir/f'{self.fname}.pth')
 
+class HistoryCallback(_TrainedEpochs, Callback):
+    "After every trained epoch, add its losses and metrics to the CSV file `fn` (a resumed run keeps the earlier rows)"
+    order = CheckpointCallback.order+1
+    def __init__(self, fn): self.fn = Path(fn)
+    def after_epoch(self):
+        if self.skipped: return
+        import pandas as pd
+        names = self.recorder.metric_names[:-1]  # epoch, losses, metrics (not the time)
+        row = pd.DataFrame([dict(zip(names, self.recorder.log[:len(names)]))])
+        old = pd.read_csv(self.fn) if self.fn.exists() else None
+        if old is not None: row = pd.concat([old[old.epoch != self.epoch], row]).sort_values('epoch')
+        atomic_write(self.fn, lambda t: row.to_csv(t, index=False))
+
+def read_checkpoint(fn, # checkpoint written by `CheckpointCallback`
+                    map_location='cpu', # where its tensors go
+                   )->dict:
+    "A `CheckpointCallback` file, read with `torch.load(weights_only=True)`: tensors and plain data only, never code"
+    with torch.serialization.safe_globals([L]): return torch.load(fn, map_location=map_location, weights_only=True)
+
 def load_checkpoint(learn:Learner, # learner built like the one that wrote the checkpoint
                     fn, # checkpoint written by `CheckpointCallback`
                    )->dict: # the checkpoint (`epoch`, `n_epoch`, `best`...)
     "Restore model and optimiser state from a `CheckpointCallback` file"
     # fastai's optimiser keeps the loaded state tensors as they are: put them where training will run
-    state = torch.load(fn, map_location=ifnone(learn.dls.device, 'cpu'), weights_only=True)
+    state = read_checkpoint(fn, map_location=ifnone(learn.dls.device, 'cpu'))
     get_model(learn.model).load_state_dict(state['model'])
     if learn.opt is None: learn.create_opt()
     learn.opt.load_state_dict(state['opt'])
@@ -380,13 +399,14 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
                   dls=None, # `DataLoaders`; None builds them with `dsb_dataloaders` from the arguments below
                   data=None, # DSB2018 location for `dsb_dataloaders` (see `dsb_path`)
                   arch:str='compact', # encoder, a name in `ARCHS`
-                  epochs:int=60, # length of the one-cycle schedule
+                  epochs:int=56, # length of the one-cycle schedule
                   lr:float=3e-3, # peak learning rate
                   bs:int=16, # batch size
-                  crop:int=256, # training crop size
+                  crop:int=128, # training crop size
+                  valid_crop:int=None, # validation centre-crop size (default: `crop`), whose DSB score picks the best epoch
                   n_items:int=None, # use only this many images (tiny runs)
-                  input_mode:str='hed', # one of `INPUT_MODES` (see `normalise_image`)
-                  zoom:tuple=(0.5,1.5), # random rescaling range (None: none; see `dsb_batch_tfms`)
+                  input_mode:str='grey', # one of `INPUT_MODES` (see `normalise_image`)
+                  zoom:tuple=None, # random rescaling range such as (0.5, 1.5) (None: none; see `dsb_batch_tfms`)
                   pretrained:bool=None, # ImageNet weights for torchvision encoders (see `nucleus_learner`)
                   resume:bool=False, # continue from `models/last.pth` when it exists
                   tensorboard:bool=False, # log to `path/tb` (needs the `tensorboard` package)
@@ -402,7 +422,7 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
     "Train a U-Net with one-cycle, keep the best DSB model, checkpoint every epoch, resume, write and tune the model file"
     path = check_run_folder(path)
     set_seed(seed)
-    if dls is None: dls = dsb_dataloaders(data, bs=bs, crop=crop, n_items=n_items, seed=seed, cache=cache,
+    if dls is None: dls = dsb_dataloaders(data, bs=bs, crop=crop, valid_crop=valid_crop, n_items=n_items, seed=seed, cache=cache,
                                           input_mode=input_mode, zoom=zoom, n_workers=n_workers)
     learn = nucleus_learner(dls, arch=arch, pretrained=pretrained, path=path, **kwargs)
     check_run_folder(path, learn.model)
@@ -416,17 +436,22 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
         print(f"Resuming from {ckpt} at epoch {start} of {epochs}")
     elif resume: print(f"No checkpoint at {ckpt}: starting afresh")
     timer,keep = TrainTimer(),BestModelCallback(best=best)
-    fit_cbs = [keep, CheckpointCallback(), timer] + ([_tensorboard_cb(path/'tb')] if tensorboard else [])
+    fit_cbs = [keep, CheckpointCallback(), HistoryCallback(path/'history.csv'), timer] + ([_tensorboard_cb(path/'tb')] if tensorboard else [])
     fit_cbs = [c for c in fit_cbs+L(cbs) if c is not None]
     t0,quiet = time.perf_counter(),not interactive(sys.stdout)
     if quiet: learn.logger = partial(_log_epoch, learn)
     if start<epochs:
         with (learn.no_bar() if quiet else contextlib.nullcontext()): learn.fit_one_cycle(epochs, lr, cbs=fit_cbs, start_epoch=start)
-    elif (path/learn.model_dir/'best.pth').exists(): learn.load('best', with_opt=False)
+    elif (path/learn.model_dir/'best.pth').exists():
+        learn.load('best', with_opt=False)
+        if model_file and (path/model_file).exists():  # a finished run: its model file (tuned) stands as it is
+            learn.nucleus = read_model(path/model_file)[1]
+            return learn
     learn.nucleus.update(
         tta=True, postprocess=dict(method='auto', fg_thresh=0.5, interior_thresh=0.5, min_size=15),
         recipe=dict(trained_by='nucleus_seg.learner.train_nucleus', epochs=epochs, lr=lr, bs=dls.bs,
-                    crop=getattr(dls.train, 'crop', crop), zoom=getattr(dls.train, 'zoom', zoom), seed=seed,
+                    crop=getattr(dls.train, 'crop', crop), valid_crop=getattr(dls.valid, 'crop', valid_crop),
+                    zoom=getattr(dls.train, 'zoom', zoom), input_mode=getattr(dls, 'input_mode', input_mode), seed=seed,
                     loss='NucleusLoss (cross-entropy, class weights 1/1/3, + soft Dice)', schedule='one-cycle, Adam',
                     n_train=len(dls.train_items), n_valid=len(dls.valid_items), resumed_at_epoch=start or None,
                     device=_device_name(dls.device), torch=torch.__version__,
