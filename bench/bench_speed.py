@@ -81,7 +81,8 @@ def flops(model, a, dev):
 
 def test_speed(learn, a, dev):
     "Seconds for the stage-1 test images, files to instance labels, through `Segmenter` (median of the runs)"
-    seg = Segmenter(learn.model, learn.nucleus, device=dev, bs=a.infer_bs, n_workers=a.infer_workers)
+    seg = Segmenter(learn.model, learn.nucleus, device=dev, bs=a.infer_bs, n_workers=a.infer_workers,
+                    **({} if a.tta == 'model' else dict(tta=a.tta == 'on')))
     test = prepare_dsb(split='test', progress=False).iloc[:a.test_images]
     segment_folder(seg, test, show_progress=False)  # warm-up: cuDNN autotuning, allocator
     times = []
@@ -101,6 +102,7 @@ def main(argv=None):
     ap.add_argument('--test-images', type=int, default=65); ap.add_argument('--infer-bs', type=int, default=16)
     ap.add_argument('--infer-workers', type=int, default=min(8, os.cpu_count()), help='instance extraction processes')
     ap.add_argument('--compile', action='store_true', help='compile the project model (compile_unet)')
+    ap.add_argument('--tta', choices=['model', 'on', 'off'], default='model', help="test-time flips for the test images (default: the model's)")
     ap.add_argument('--peak-tflops', type=float, default=None, help="device's dense bf16 peak (H100 SXM: 989)")
     ap.add_argument('--out', default=None, help='JSON file (default bench/results/speed_<device>.json)')
     a = ap.parse_args(argv)

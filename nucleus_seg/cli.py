@@ -8,13 +8,13 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/cli.html.md"""
 __all__ = ['COMMANDS', 'say', 'prepare', 'train', 'tune', 'predict', 'evaluate', 'submit', 'usage', 'ArgumentError',
            'command_parser', 'main']
 
-# %% ../nbs/09_cli.ipynb #553801b6
+# %% ../nbs/09_cli.ipynb #6bc531b1
 import os, sys, importlib, warnings
 from pathlib import Path
 from typing import Annotated
 from fastcore.script import call_parse, anno_parser, store_true, bool_arg, CliError
 
-# %% ../nbs/09_cli.ipynb #31054abd
+# %% ../nbs/09_cli.ipynb #e065d0f3
 def say(msg:str):
     "Print one `nucleus-seg: ...` line to stderr"
     print(f"nucleus-seg: {str(msg).splitlines()[0] if str(msg) else msg}", file=sys.stderr, flush=True)
@@ -33,7 +33,7 @@ def _segmenter(model=None, cpu=False, **kwargs):
 
 def _report(image_id, msg): say(msg)
 
-# %% ../nbs/09_cli.ipynb #fcf483d7
+# %% ../nbs/09_cli.ipynb #1ca00c2d
 @call_parse
 def prepare(data:str=None, # DSB2018 folder holding the zips or extracted folders (default: $NUCLEUS_SEG_DATA)
             cache:str=None, # cache folder (default: $NUCLEUS_SEG_CACHE or ~/.cache/nucleus_seg)
@@ -47,7 +47,7 @@ def prepare(data:str=None, # DSB2018 folder holding the zips or extracted folder
         df = prepare_dsb(p, split=split, cache=cache, force=force)
         print(f"{split}: {len(df)} images" + (f", {int(df.n_nuclei.sum())} nuclei" if split=='train' else ''))
 
-# %% ../nbs/09_cli.ipynb #369fe39b
+# %% ../nbs/09_cli.ipynb #1fb6af70
 def _zoom(s:str):
     "`--zoom` as a (smallest, largest) pair, or None for 'none'"
     if s is None or s.lower()=='none': return None
@@ -91,7 +91,7 @@ def train(out:str='nucleus_run', # run folder: model.safetensors, checkpoints in
     if s: print(f"validation DSB {s['valid_dsb']:.4f} (default thresholds {s['default_thresholds_dsb']:.4f}); re-weighted to the test mix {s['test_mix_dsb']}")
     print(f"model: {Path(out)/'model.safetensors'}")
 
-# %% ../nbs/09_cli.ipynb #5377d6ed
+# %% ../nbs/09_cli.ipynb #0bfd36ef
 def _valid_items(model=None, data=None, cache=None):
     "The validation images the model file `model` (default: the bundled one) was selected on"
     from nucleus_seg.inference import DEFAULT_MODEL
@@ -117,12 +117,24 @@ def tune(model:str, # model file to tune (model.safetensors); its thresholds and
     print(f"thresholds: {cfg['postprocess']}")
     print(f"validation DSB {s['before_tuning_dsb']:.4f} -> {s['valid_dsb']:.4f} on {s['n_valid']} images (default thresholds: {s['default_thresholds_dsb']:.4f}); written to {model}")
 
-# %% ../nbs/09_cli.ipynb #fc74171f
+# %% ../nbs/09_cli.ipynb #75059df5
 def _skipped(df, out=None)->int:
     "Say how many files were skipped, where they are listed; the exit status (3 when any, else 0)"
     n = int((df.status=='failed').sum()) if len(df) else 0
     if n: say(f"{n} file(s) skipped" + (f", listed in {Path(out)/'failures.csv'}" if out else ''))
     return 3 if n else 0
+
+def _predict_dask(src, out, scheduler, model=None, cpu=False, **kwargs):
+    "`segment_collection` on the Dask cluster `scheduler`, each worker loading `model` (default: the bundled one) once"
+    try: from nucleus_seg.distributed import segment_collection, dask_client
+    except ImportError as e: raise CliError(str(e)) from None
+    from nucleus_seg.inference import DEFAULT_MODEL
+    kwargs = {k:v for k,v in kwargs.items() if v is not None} | (dict(device='cpu') if cpu else {})
+    client = dask_client(scheduler)
+    try:
+        say(f"segmenting on {len(client.nthreads())} Dask worker(s) at {client.scheduler.address} with {model or DEFAULT_MODEL.name}")
+        return segment_collection(src, out, client, model, **kwargs)
+    finally: client.close()
 
 @call_parse
 def predict(src:str, # an image file or a folder of images (searched recursively)
@@ -133,19 +145,22 @@ def predict(src:str, # an image file or a folder of images (searched recursively
             tile:int=1024, # images larger than this are predicted in overlapping tiles
             planes:str='auto', # multi-plane TIFFs: auto, channels, or z (maximum projection of a z-stack)
             cpu:store_true=False, # use the CPU even when a GPU is present
+            scheduler:str=None, # spread the files over a Dask cluster: 'local' (one worker per core) or a scheduler address; files already done are skipped
            ):
     "Segment images: label images, overlays, nucleus tables and an RLE CSV in OUT"
     _positive(tile=tile)
-    from nucleus_seg.inference import segment_folder
     from nucleus_seg.io import PLANE_MODES
     if planes not in PLANE_MODES: raise CliError(f"unknown --planes {planes!r} (choose from {', '.join(PLANE_MODES)})")
-    df = segment_folder(_segmenter(model, cpu, tta=tta, tile=tile), src, out, overlays=overlays, planes=planes,
-                        submission=Path(out)/'submission.csv', report=_report)
+    kw = dict(overlays=overlays, planes=planes, submission=Path(out)/'submission.csv', report=_report)
+    if scheduler: df = _predict_dask(src, out, scheduler, model, cpu, tta=tta, tile=tile, **kw)
+    else:
+        from nucleus_seg.inference import segment_folder
+        df = segment_folder(_segmenter(model, cpu, tta=tta, tile=tile), src, out, **kw)
     ok = df[df.status=='ok']
     print(f"{len(ok)} images, {int(ok.n_nuclei.sum())} nuclei -> {out}")
     return _skipped(df, out)
 
-# %% ../nbs/09_cli.ipynb #eb3ef9a4
+# %% ../nbs/09_cli.ipynb #c373cec0
 @call_parse
 def evaluate(src:Annotated[str, dict(opt=False, nargs='?')]=None, # labelled images: a prepared split folder, an index CSV (run/valid.csv), a Kaggle-layout folder, or images with --solution (default: the model's validation images)
              model:str=None, # model file (default: the bundled model)
@@ -172,7 +187,7 @@ def evaluate(src:Annotated[str, dict(opt=False, nargs='?')]=None, # labelled ima
     failed = pd.DataFrame(df.attrs.get('failed', []), columns=['image_id','image','error']).assign(status='failed')
     return _skipped(failed)
 
-# %% ../nbs/09_cli.ipynb #40c81dac
+# %% ../nbs/09_cli.ipynb #263418d7
 @call_parse
 def submit(model:str=None, # model file (default: the bundled model)
            out:str='submission.csv', # the submission CSV
@@ -197,7 +212,7 @@ def submit(model:str=None, # model file (default: the bundled model)
     print(f"{out}: {res['n_images']} images, {res['n_nuclei']} nuclei, valid ({time.perf_counter()-t0:.1f} s)")
     return _skipped(df)
 
-# %% ../nbs/09_cli.ipynb #d2b76ac9
+# %% ../nbs/09_cli.ipynb #22dfc54d
 COMMANDS = dict(prepare=prepare, train=train, tune=tune, predict=predict, evaluate=evaluate, submit=submit,
                 app='nucleus_seg.app:app') # the web app (08_app); imported only when used
 _SUMMARIES = dict(app="Serve the nucleus segmentation web app (Voila)")
@@ -221,7 +236,7 @@ def usage()->str:
                       "'nucleus-seg COMMAND --help' lists a command's options; --debug shows tracebacks.",
                       "Exit status: 0 done, 1 error, 2 bad arguments, 3 done but some files skipped, 130 interrupted."])
 
-# %% ../nbs/09_cli.ipynb #572a0173
+# %% ../nbs/09_cli.ipynb #179ed2f8
 class ArgumentError(CliError):
     "A command line argument that the subcommand's parser rejects"
 
@@ -233,7 +248,7 @@ def command_parser(name:str, # subcommand name, a key of `COMMANDS`
     p.error = _error
     return p
 
-# %% ../nbs/09_cli.ipynb #c189bff3
+# %% ../nbs/09_cli.ipynb #b5d13670
 def _fail(msg, code=1):
     "Print a one-line `nucleus-seg: error: ...` to stderr and return `code`"
     print(f"nucleus-seg: error: {str(msg).splitlines()[0] if str(msg) else type(msg).__name__}", file=sys.stderr)

@@ -10,12 +10,12 @@ __all__ = ['dask_client', 'SegmenterPlugin', 'register_segmenter', 'worker_segme
            'seam_matches', 'write_tiff']
 
 # %% ../nbs/10_distributed.ipynb #539af8f9
-import os, csv, time, uuid, json, shutil, pickle, hashlib, resource, itertools
+import os, csv, time, inspect, uuid, json, shutil, pickle, hashlib, resource, itertools
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np, pandas as pd
-from fastcore.all import ifnone
+from fastcore.all import ifnone, delegates
 try:
     import zarr
     from distributed import Client, WorkerPlugin, as_completed, get_worker
@@ -25,9 +25,9 @@ from .io import to_rgb, input_stats, read_label, save_label, save_image, nucleus
 from .instances import outline_overlay
 from .rle import label_to_rles
 from .learner import read_model
-from .inference import DEFAULT_MODEL, load_segmenter, image_items, _readable, _warn, _core_instances
+from .inference import DEFAULT_MODEL, load_segmenter, segment_folder, image_items, _readable, _warn, _core_instances
 
-# %% ../nbs/10_distributed.ipynb #5e9177f4
+# %% ../nbs/10_distributed.ipynb #02adcb0d
 def dask_client(scheduler='local', # 'local': a `LocalCluster` on this machine; an address (`tcp://host:8786`) joins that cluster; a `Client` is used as is
                 n_workers:int=None, # 'local' only: worker processes (default: one per core)
                 threads_per_worker:int=1, # 'local' only: threads in each worker
@@ -37,7 +37,7 @@ def dask_client(scheduler='local', # 'local': a `LocalCluster` on this machine; 
     if isinstance(scheduler, Client): return scheduler
     if scheduler != 'local': return Client(scheduler)
     return Client(n_workers=ifnone(n_workers, os.cpu_count()), threads_per_worker=threads_per_worker, processes=True,
-                  **{'dashboard_address': None, **kwargs})
+                  **{'dashboard_address': ':0', **kwargs})
 
 @contextmanager
 def _connected(client):
@@ -170,21 +170,23 @@ def _write_submission(fn, ids:list, rles:dict):
             for i in ids: wr.writerows((i, r) for r in rles[i] or [''])
     return atomic_write(fn, write)
 
+def _folder_options(kwargs:dict)->dict:
+    "Pop `segment_folder`'s output options (`overlays`, `submission`, `report`...) from `kwargs`, with its defaults"
+    ps = inspect.signature(segment_folder).parameters
+    return {k: kwargs.pop(k, p.default) for k,p in ps.items() if p.default is not p.empty and k not in ('dest','client')}
+
+@delegates(segment_folder, but=['client'])
 def segment_collection(src, # images: anything `image_items` takes (paths the workers can read)
                        dest=None, # output folder, as `segment_folder`'s, on storage every worker can write (None: none)
                        client='local', # a `Client`, a scheduler address, or 'local' (see `dask_client`)
                        model=None, # model file (None: the bundled model), or a segmenter object (see `SegmenterPlugin`)
-                       overlays:bool=True, # write outline overlays
-                       tables:bool=True, # write per-nucleus tables
-                       submission=None, # RLE submission CSV to write (None: none)
-                       planes:str='auto', # how multi-plane images are read (see `read_image`)
-                       report=None, # `report(image_id, message)` for skipped files and notes (default: a warning)
-                       show_progress:bool=True, # progress bar, or plain lines in logs (see `progress`)
                        batch:int=4, # files per task (the segmenter batches same-size images within a task)
                        retries:int=1, # times a failing task is retried before its files are retried one by one
-                       **kwargs # passed to `load_segmenter` on every worker (`tta`, `tile`, thresholds...)
+                       **kwargs # `segment_folder`'s output options; the rest go to `load_segmenter` on every worker (`tta`, `tile`, thresholds...)
                       )->pd.DataFrame: # `segment_folder`'s table, with `resumed`, `worker` and `seconds` per image
-    "Segment every image of `src` on the workers of a Dask cluster, as `segment_folder` does; files already done are not redone"
+    "Segment every image of `src` on a Dask cluster's workers, as `segment_folder` does, skipping files already done; other keywords go to `load_segmenter`"
+    o = _folder_options(kwargs)
+    overlays,tables,submission,planes,report = o['overlays'],o['tables'],o['submission'],o['planes'],o['report']
     items,report = image_items(src),ifnone(report, _warn)
     dest = None if dest is None else Path(dest)
     done = {p.stem for p in (dest/'labels').glob('*.png')} if dest is not None else set()
@@ -203,7 +205,7 @@ def segment_collection(src, # images: anything `image_items` takes (paths the wo
                 rles[o['image_id']] = o.pop('rles', None)
                 yield o
     with _connected(client) as c:
-        rows = list(progress(results(c, register_segmenter(c, model, **kwargs)), total=len(recs), desc='segmenting', show=show_progress))
+        rows = list(progress(results(c, register_segmenter(c, model, **kwargs)), total=len(recs), desc='segmenting', show=o['show_progress']))
     df = pd.DataFrame(rows, columns=['image_id','status','height','width','n_nuclei','error','resumed','worker','seconds'])
     df = df.sort_values('image_id', key=lambda s: s.map(order), kind='stable').reset_index(drop=True)
     if submission is not None: _write_submission(submission, list(df.image_id[df.status=='ok']), rles)

@@ -10,7 +10,7 @@ __all__ = ['DEFAULT_MODEL', 'MAX_PIXELS', 'FLIPS', 'IMAGE_EXTS', 'DEFAULT_POST',
            'SkippedImageWarning', 'segment_folder', 'evaluate_model', 'test_mix', 'modality_scores', 'tune_thresholds',
            'tune_model']
 
-# %% ../nbs/06_inference.ipynb #3c9b5cf0
+# %% ../nbs/06_inference.ipynb #c318a544
 import os, time, warnings, itertools, multiprocessing
 from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
@@ -25,7 +25,7 @@ from .metrics import image_report, dsb_score, settings_scores
 from .rle import write_submission, read_solution
 from .learner import load_model, update_model, compile_unet
 
-# %% ../nbs/06_inference.ipynb #0af8a41e
+# %% ../nbs/06_inference.ipynb #915328ec
 DEFAULT_MODEL = Path(nucleus_seg.__file__).parent/'models'/'default.safetensors'
 MAX_PIXELS = 25_000_000
 
@@ -36,7 +36,8 @@ class Segmenter:
                  tta:bool=None, # average the predictions of the four flips (default: the model's)
                  tile:int=1024, # images with a side longer than this are predicted in overlapping tiles
                  overlap:int=64, # tile overlap in pixels
-                 bs:int=4, # images per forward pass (times 4 with TTA)
+                 bs:int=4, # same-size images predicted together by `segment_many`
+                 batch_px:int=None, # most pixels in one forward pass (flips and images split to fit); default 1 Mpx on the CPU, 16 Mpx on a GPU
                  max_pixels:int=MAX_PIXELS, # images larger than this are segmented in overlapping windows
                  window:int=2048, # window side for those (`segment_windows`)
                  device=None, # torch device; the GPU when present, else the CPU
@@ -51,14 +52,15 @@ class Segmenter:
         self.post = {**config.get('postprocess', {}), **post}
         self.device = torch.device(ifnone(device, 'cuda' if torch.cuda.is_available() else 'cpu'))
         self.cuda = self.device.type=='cuda'
+        self.batch_px = batch_px or (2**24 if self.cuda else 2**20)
         self.mode = config['input']['mode']
         self.mean,self.std = [torch.tensor(config['input'][k]).float().view(1,-1,1,1).to(self.device) for k in ('mean','std')]
         self.model = model.eval().to(self.device)
-        if self.cuda: self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.model.to(memory_format=torch.channels_last)  # faster on a CPU too (oneDNN), same results
         if compile: compile_unet(self.model, **({} if compile is True else dict(backend=compile)))
         self.name = name or f"{config.get('arch', 'U-Net')} model"
 
-# %% ../nbs/06_inference.ipynb #4ab990c4
+# %% ../nbs/06_inference.ipynb #a9702b7b
 def _describe(fn:Path, cfg:dict)->str:
     "How a model file is named in messages: file, arch, how it was trained, its validation score"
     r,s = cfg.get('recipe', {}),cfg.get('scores', {})
@@ -78,7 +80,7 @@ def load_segmenter(fn=None, # model file (`.safetensors`); None: the bundled `DE
     name = ('bundled model ' if bundled else 'model ') + _describe(fn, cfg)
     return Segmenter(model, cfg, device=device, **{'name': name, **kwargs})
 
-# %% ../nbs/06_inference.ipynb #31d9b78c
+# %% ../nbs/06_inference.ipynb #daf553b8
 FLIPS = [(), (-1,), (-2,), (-2,-1)]
 
 @patch
@@ -100,14 +102,14 @@ def _probs(self:Segmenter, xs:np.ndarray, # prepared images of one size, B×H×W
     if ph or pw: x = F.pad(x, (0,pw,0,ph), mode='reflect' if ph<h and pw<w else 'replicate')
     flips = FLIPS if self.tta else FLIPS[:1]
     xb = torch.cat([x.flip(f) if f else x for f in flips])
-    if self.cuda: xb = xb.contiguous(memory_format=torch.channels_last)
+    xb = xb.contiguous(memory_format=torch.channels_last)
     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
-        p = torch.cat([self.model(c).float().softmax(1) for c in xb.split(max(self.bs, 1))])
+        p = torch.cat([self.model(c).float().softmax(1) for c in xb.split(max(1, self.batch_px//(xb.shape[-2]*xb.shape[-1])))])
     p = p.view(len(flips), b, *p.shape[1:])
     p = torch.stack([o.flip(f) if f else o for o,f in zip(p, flips)]).mean(0)
     return p[..., :h, :w].cpu().numpy()
 
-# %% ../nbs/06_inference.ipynb #df8861e2
+# %% ../nbs/06_inference.ipynb #fad7d415
 @patch
 def _tiles(self:Segmenter, n):
     "Start positions of overlapping tiles covering a side of length `n`"
@@ -133,7 +135,7 @@ def predict_probs(self:Segmenter, img, # image path, bytes or array
     out /= cnt
     return out
 
-# %% ../nbs/06_inference.ipynb #d6932f65
+# %% ../nbs/06_inference.ipynb #070651a4
 def _core_instances(lbl:np.ndarray, core:tuple)->np.ndarray:
     "Label ids of `lbl` whose centroid lies in `core` = (y0, y1, x0, x1), in window coordinates"
     from scipy import ndimage as ndi
@@ -178,7 +180,7 @@ def segment_windows(self:Segmenter, img, # a large image (path, bytes or array)
             nxt = paste_instances(out, lbl, ids, (wy, wx), nxt)
     return out.astype(np.uint16) if nxt<=65536 else out
 
-# %% ../nbs/06_inference.ipynb #2a66d450
+# %% ../nbs/06_inference.ipynb #3f101f14
 @patch
 def extract(self:Segmenter, probs:np.ndarray, # (C,H,W) probabilities
            )->np.ndarray:
@@ -194,7 +196,7 @@ def segment(self:Segmenter, img, # image path, bytes or array
     if a.shape[0]*a.shape[1] > self.max_pixels: return self.segment_windows(a, stats=stats)
     return self.extract(self.predict_probs(a, stats))
 
-# %% ../nbs/06_inference.ipynb #ddb2b6e4
+# %% ../nbs/06_inference.ipynb #fd42456e
 def instance_pool(n_workers:int, # processes; 0: `None` (extract in the calling process)
                  ):
     "A process pool for `probs_to_instances` (forkserver: workers import only NumPy and scikit-image code)"
@@ -224,7 +226,7 @@ def segment_many(self:Segmenter, imgs, # images (arrays, paths or bytes)
     finally:
         if pool is not None: pool.shutdown(cancel_futures=True)
 
-# %% ../nbs/06_inference.ipynb #5ee4b8bd
+# %% ../nbs/06_inference.ipynb #e93aaca1
 def classical_probs(img, # uint8 image, grey or RGB, any modality
                     sigma:float=1.0, # Gaussian smoothing before thresholding, in pixels
                     softness:float=0.05, # width of the soft threshold, in normalised intensity
@@ -258,7 +260,7 @@ class ClassicalSegmenter:
         "Yield the label image of every image in `imgs`"
         for o in imgs: yield self.segment(o)
 
-# %% ../nbs/06_inference.ipynb #4ad6ac6a
+# %% ../nbs/06_inference.ipynb #947bdc40
 IMAGE_EXTS = ('.png','.jpg','.jpeg','.tif','.tiff','.bmp')
 
 def _index_csv(fn):
@@ -286,7 +288,7 @@ def image_items(src, # image file, folder, list of files, index table, prepared 
     if not fs: raise FileNotFoundError(f"no images in {src}")
     return pd.DataFrame(dict(image_id=[f.stem for f in fs], image=fs))
 
-# %% ../nbs/06_inference.ipynb #87c7b1c4
+# %% ../nbs/06_inference.ipynb #6ac0881f
 class SkippedImageWarning(UserWarning):
     "An image that could not be read and was skipped"
 
@@ -315,8 +317,13 @@ def segment_folder(seg, # a segmenter (`segment_many`, or `segment(img) -> label
                    planes:str='auto', # how multi-plane images are read (see `read_image`)
                    report=None, # `report(image_id, message)` for skipped files and notes (default: a warning)
                    show_progress:bool=True, # progress bar, or plain lines in logs (see `progress`)
+                   client=None, # a Dask `Client`, scheduler address or 'local': spread the files over its workers (`segment_collection`, the `dask` extra)
                   )->pd.DataFrame: # one row per image: `image_id`, `status`, `height`, `width`, `n_nuclei`, `error`
     "Segment every image of `src`, writing each one's outputs to `dest` as it is done; unreadable files are skipped"
+    if client is not None:
+        from .distributed import segment_collection
+        return segment_collection(src, dest, client, seg, overlays=overlays, tables=tables, submission=submission,
+                                  planes=planes, report=report, show_progress=show_progress)
     items,report,failed,rows,preds = image_items(src),ifnone(report, _warn),[],[],{}
     dest = None if dest is None else Path(dest)
     pairs,imgs = itertools.tee(_readable(items, planes, report, failed))
@@ -336,7 +343,7 @@ def segment_folder(seg, # a segmenter (`segment_many`, or `segment(img) -> label
     return pd.DataFrame(rows, columns=['image_id','status','height','width','n_nuclei','error']).sort_values(
         'image_id', key=lambda s: s.map(order), kind='stable').reset_index(drop=True)
 
-# %% ../nbs/06_inference.ipynb #f1ec5631
+# %% ../nbs/06_inference.ipynb #4cc29489
 def _true_label(r, truth=None):
     "True label image of index row `r`: from `truth` (solution), its `label` file, or the Kaggle `masks/` beside it"
     if truth is not None:
@@ -369,7 +376,7 @@ def evaluate_model(seg, # a segmenter (`segment_many`, or `segment(img) -> label
     df.attrs['failed'] = failed
     return (float(df.dsb.mean()) if len(df) else float('nan')),df
 
-# %% ../nbs/06_inference.ipynb #defe0680
+# %% ../nbs/06_inference.ipynb #a4d3faa4
 def test_mix(path=None, # DSB2018 location (see `dsb_path`)
              cache=None, # cache folder (see `dsb_cache`)
             )->dict:
@@ -387,7 +394,7 @@ def modality_scores(df:pd.DataFrame, # per-image table from `evaluate_model`
         res.loc['test mix'] = [sum(res.loc[m,'mean']*v for m,v in w.items())/sum(w.values()), len(df)]
     return res.rename(columns={'mean':'dsb','count':'n_images'}).astype({'n_images':int})
 
-# %% ../nbs/06_inference.ipynb #7106e065
+# %% ../nbs/06_inference.ipynb #dd3c44ac
 DEFAULT_POST = dict(fg_thresh=0.5, interior_thresh=0.5, min_size=15, fill_holes=True)  # `probs_to_instances`' defaults
 TUNE_GRID = dict(interior_thresh=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8], fg_thresh=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
                  min_size=[5, 10, 15, 25, 40, 60], fill_holes=[True, False])
@@ -424,7 +431,7 @@ def tune_thresholds(probs:list, # (C,H,W) probabilities of each validation image
     table = pd.DataFrame([dict(s) | dict(dsb=v) for s,v in tried.items()]).sort_values('dsb', ascending=False)
     return best,table.reset_index(drop=True)
 
-# %% ../nbs/06_inference.ipynb #eca96a85
+# %% ../nbs/06_inference.ipynb #f49b7541
 def tune_model(fn, # model file (see `load_model`); its configuration is updated in place
                items, # validation images with labels (anything `image_items` takes, e.g. the run's `valid.csv`)
                grid:dict=None, # see `tune_thresholds`

@@ -1,29 +1,142 @@
-"Tests of `nucleus_seg.learner` and `nucleus_seg.inference`: weights over loopback, loss, instances, resume, export, inference sizes."
-import os, threading, warnings, functools
+"""Tests of `nucleus_seg.learner` (05_learner): the loss and metric, ImageNet weights over loopback, model files
+(safetensors only, pickles refused), an exported model predicting exactly what the trained learner predicts, the best
+epoch kept and carried over on resume, resumed schedules, `compile_unet` against eager, and a two-process CPU run.
+
+Training runs use the synthetic DSB2018 stand-in (`synthetic.fake_dsb`), so none of these tests needs the real data."""
+import importlib.util, json, os, pickle, subprocess, sys, warnings
 from pathlib import Path
 
-import numpy as np, pytest, torch, torchvision
-from fastai.vision.all import Callback, load_learner, resnet18
+import numpy as np, pytest, torch
+from fastai.vision.all import Callback, Metric
 
-from nucleus_seg.data import dsb_dataloaders, prepare_dsb, read_label, instance_target, DSBDataError
+from nucleus_seg.io import read_image, input_stats
+from nucleus_seg.data import dsb_dataloaders, instance_target, ResidentData, ResidentDL
 from nucleus_seg.learner import *
-from nucleus_seg.inference import Segmenter, load_segmenter, evaluate_model, segment_folder, image_items
-from nucleus_seg.metrics import dsb_score
-from nucleus_seg.instances import target_to_instances
+from nucleus_seg.inference import load_segmenter
+from synthetic import disks, in_ci, tiny_dls
 
-DATA = Path(os.environ.get('NUCLEUS_SEG_DATA', Path(__file__).parents[1]/'..'/'shared'/'data'/'dsb2018'))
-pytestmark = pytest.mark.skipif(not (DATA/'stage1_train.zip').exists(), reason='DSB2018 data not found (set NUCLEUS_SEG_DATA)')
-torch.set_num_threads(1)  # the CI machine's 2 cores are shared: one thread is several times faster than two
+torch.set_num_threads(1)  # CI's 2 cores are shared: one thread each is several times faster than two
+
+
+def _tiny(fake, **kw):
+    "Arguments of a tiny `train_nucleus` run on the synthetic data, on the CPU."
+    return dict(dls=tiny_dls(fake), tune=False) | kw
 
 
 @pytest.fixture(scope='module')
-def dls():
-    return dsb_dataloaders(DATA, n_items=8, bs=4, crop=64, num_workers=0)
+def dls(fake): return tiny_dls(fake)
 
 
+class KillAfter(Callback):
+    "Raise `KeyboardInterrupt` at the end of epoch `epoch`, after the checkpoints are written (a killed run)."
+    order = 100
+    def __init__(self, epoch): self.kill_epoch = epoch
+    def after_epoch(self):
+        if self.epoch == self.kill_epoch: raise KeyboardInterrupt('simulated kill')
+
+
+class ScriptedDSB(Metric):
+    "A 'dsb' metric that reports `scores[epoch]`: the best epoch is known before training."
+    def __init__(self, scores): self.scores, self.epoch = scores, None
+    def reset(self): pass
+    def accumulate(self, learn): self.epoch = learn.epoch
+    @property
+    def value(self): return self.scores[self.epoch] if self.epoch is not None else float('nan')
+    @property
+    def name(self): return 'dsb'
+
+
+class Snapshots(Callback):
+    "The model's weights at the end of every epoch."
+    order = 99
+    def before_fit(self): self.states = {}
+    def after_epoch(self): self.states[self.epoch] = {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
+
+
+CHECKPOINT_BUG = ("load_checkpoint reads models/last.pth with torch.load(weights_only=True), but CheckpointCallback "
+                  "writes the optimiser's state_dict (its `hypers` are a fastcore `L`) and the best score (a NumPy "
+                  "scalar), which weights_only refuses: every --resume after a kill fails with UnpicklingError")
+
+
+def checkpoint_globals():
+    "The globals a checkpoint holds (fastai allows the same ones in `Learner.load`): the work-around for CHECKPOINT_BUG."
+    from fastcore.foundation import L
+    core = np._core if hasattr(np, '_core') else np.core
+    return torch.serialization.safe_globals([L, core.multiarray.scalar, np.dtype, *[getattr(np.dtypes, d) for d in np.dtypes.__all__]])
+
+
+@pytest.fixture
+def resumable(monkeypatch):
+    """Let resumed runs load their checkpoint despite CHECKPOINT_BUG (pinned by `test_checkpoint_loads_safely`), so
+    that the resume tests check everything else; harmless once the bug is fixed."""
+    import nucleus_seg.learner as NL
+    orig = NL.load_checkpoint
+    def load_checkpoint(learn, fn):
+        with checkpoint_globals(): return orig(learn, fn)
+    monkeypatch.setattr(NL, 'load_checkpoint', load_checkpoint)
+
+
+def checkpoint_state(fn) -> dict:
+    "A `CheckpointCallback` file, read as `load_checkpoint` should (weights only)."
+    with checkpoint_globals(): return torch.load(fn, weights_only=True)
+
+
+def same_weights(a:dict, b:dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+
+
+# ---------- the network, loss and metric ----------
+def test_archs_and_unet_model():
+    assert ARCHS['compact'] == ('xresnet18', {'widen': 0.25})
+    m = unet_model('compact').eval()
+    with torch.no_grad(): assert m(torch.randn(2, 3, 64, 96)).shape == (2, 3, 64, 96)
+    n = sum(p.numel() for p in m.parameters())
+    assert 1.5e6 < n < 3e6   # a quarter-width xresnet18 encoder (11.7M at full width) and its decoder
+    with pytest.raises(ValueError, match="unknown arch 'vgg'"): unet_model('vgg')
+
+
+def test_loss_weights_boundary_and_gradient():
+    targ = torch.zeros(2, 16, 16, dtype=torch.long); targ[:, 4:12, 4:12] = 1; targ[:, 4, 4:12] = 2
+    pred = torch.randn(2, 3, 16, 16, requires_grad=True)
+    loss = NucleusLoss()(pred, targ)
+    loss.backward()
+    assert loss.item() > 0 and pred.grad.abs().sum() > 0
+    good = torch.nn.functional.one_hot(targ, 3).permute(0, 3, 1, 2).float()*10
+    assert NucleusLoss()(good, targ).item() < 0.01
+    bad_b, bad_i = good.clone(), good.clone()   # one pixel wrong: a boundary one, or an interior one
+    bad_b[:, :, 4, 5] = torch.tensor([10., 0, 0]); bad_i[:, :, 8, 8] = torch.tensor([10., 0, 0])
+    ce = NucleusLoss(dice_weight=0)
+    # class weights 1/1/3: a wrong boundary pixel adds three times what a wrong interior one adds
+    base = ce(good, targ).item()
+    assert ce(bad_b, targ).item() - base == pytest.approx(3*(ce(bad_i, targ).item() - base), rel=1e-4)
+    assert NucleusLoss()(torch.randn(2, 2, 16, 16), (targ > 0).long()).item() > 0   # binary targets
+    assert torch.equal(NucleusLoss().decodes(good), targ)
+
+
+def _metric(pred, y):
+    m = DSBMetric(); m.reset()
+    m.accumulate(type('FakeLearner', (), dict(pred=pred, y=y))())
+    return m.value
+
+
+def test_dsb_metric_perfect_wrong_and_empty_crops():
+    lbl = disks((64, 64), [(16, 16), (16, 44), (46, 30)], [8, 7, 9])   # well apart: recovery is exact
+    y = torch.from_numpy(instance_target(lbl)).long()[None]
+    perfect = torch.nn.functional.one_hot(y, 3).permute(0, 3, 1, 2).float()*20
+    assert _metric(perfect, y) == 1.0
+    empty = torch.zeros_like(y)
+    assert _metric(torch.cat([perfect, perfect]), torch.cat([y, empty])) == 1.0   # crops without nuclei are not scored
+    assert np.isnan(_metric(perfect[:1]*0, empty))
+    # predicting only the first nucleus: TP 1, FN 2 at every threshold, so 1/3
+    one = torch.from_numpy(instance_target(np.where(lbl == 1, 1, 0))).long()[None]
+    assert _metric(torch.nn.functional.one_hot(one, 3).permute(0, 3, 1, 2).float()*20, y) == pytest.approx(1/3)
+
+
+# ---------- ImageNet weights over loopback ----------
 @pytest.fixture(scope='module')
 def weights_server(tmp_path_factory, serve_folder):
-    "A 127.0.0.1 HTTP server serving the state dict of a randomly initialised resnet18; returns (url, state dict, stop)."
+    "A 127.0.0.1 HTTP server serving a randomly initialised resnet18 state dict: (url, state dict, stop)."
+    import torchvision
     d = tmp_path_factory.mktemp('weights')
     sd = torchvision.models.resnet18(weights=None).state_dict()
     torch.save(sd, d/'resnet18-random.pth')
@@ -31,171 +144,287 @@ def weights_server(tmp_path_factory, serve_folder):
     return base + 'resnet18-random.pth', sd, stop
 
 
-# ---------- ImageNet weights ----------
 def test_weights_downloaded_and_loaded(dls, weights_server, tmp_path):
     url, sd, _ = weights_server
-    got = load_imagenet_weights(resnet18, url, model_dir=tmp_path)
+    got = load_imagenet_weights('resnet18', url, model_dir=tmp_path)
     assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
-    assert (tmp_path/'resnet18-random.pth').exists()
-    learn = nucleus_learner(dls, resnet18, weights_url=url, model_dir=tmp_path)
+    learn = nucleus_learner(dls, 'resnet18', weights_url=url, model_dir=tmp_path)
     assert learn.nucleus['pretrained']
     body = learn.model[0]
-    assert torch.equal(body[0].weight, sd['conv1.weight'])            # stem conv
+    assert torch.equal(body[0].weight, sd['conv1.weight'])                    # stem conv
     assert torch.equal(body[7][1].conv2.weight, sd['layer4.1.conv2.weight'])  # last block
     assert torch.equal(body[1].running_mean, sd['bn1.running_mean'])
 
 
 def test_weights_url_from_env(monkeypatch):
     monkeypatch.setenv(WEIGHTS_URL_ENV, 'http://127.0.0.1:1/w.pth')
-    assert imagenet_weights_url(resnet18) == 'http://127.0.0.1:1/w.pth'
-    assert imagenet_weights_url(resnet18, 'http://x/y.pth') == 'http://x/y.pth'
+    assert imagenet_weights_url('resnet18') == 'http://127.0.0.1:1/w.pth'
+    assert imagenet_weights_url('resnet18', 'http://x/y.pth') == 'http://x/y.pth'
     monkeypatch.delenv(WEIGHTS_URL_ENV)
-    assert imagenet_weights_url(resnet18).startswith('https://download.pytorch.org/')
+    assert imagenet_weights_url('resnet18').startswith('https://download.pytorch.org/')
 
 
 def test_weights_server_down_warns_once_and_trains_from_scratch(dls, weights_server, tmp_path):
     url, _, stop = weights_server
     stop()
-    url = url.replace('resnet18-random', 'resnet18-gone')  # a URL not warned about yet
+    url = url.replace('resnet18-random', 'resnet18-gone')   # a URL not warned about yet
     with warnings.catch_warnings(record=True) as ws:
         warnings.simplefilter('always')
-        assert load_imagenet_weights(resnet18, url, model_dir=tmp_path, timeout=5) is None
-        learn = nucleus_learner(dls, resnet18, weights_url=url, model_dir=tmp_path)
+        assert load_imagenet_weights('resnet18', url, model_dir=tmp_path, timeout=5) is None
+        learn = nucleus_learner(dls, 'resnet18', weights_url=url, model_dir=tmp_path)
     msgs = [str(w.message) for w in ws if 'ImageNet weights unavailable' in str(w.message)]
     assert len(msgs) == 1 and url in msgs[0] and 'from scratch' in msgs[0]
-    assert not learn.nucleus['pretrained']
-    assert not list(tmp_path.glob('*.pth'))
+    assert not learn.nucleus['pretrained'] and not list(tmp_path.glob('*.pth'))
 
 
-# ---------- loss, targets, metric ----------
-def test_loss_weights_and_gradient():
-    targ = torch.zeros(2, 16, 16, dtype=torch.long); targ[:, 4:12, 4:12] = 1; targ[:, 4, 4:12] = 2
-    pred = torch.randn(2, 3, 16, 16, requires_grad=True)
-    loss = NucleusLoss()(pred, targ)
-    loss.backward()
-    assert loss.item() > 0 and pred.grad.abs().sum() > 0
-    # a boundary pixel wrong costs more than an interior pixel wrong
-    good = torch.nn.functional.one_hot(targ, 3).permute(0, 3, 1, 2).float()*10
-    bad_b, bad_i = good.clone(), good.clone()
-    bad_b[:, :, 4, 5] = torch.tensor([10., 0, 0]); bad_i[:, :, 8, 8] = torch.tensor([10., 0, 0])
-    ce = NucleusLoss(dice_weight=0)
-    assert ce(bad_b, targ) > ce(bad_i, targ)
-    # binary targets work too
-    assert NucleusLoss()(torch.randn(2, 2, 16, 16), (targ > 0).long()).item() > 0
+def test_learner_needs_normalised_dls():
+    from fastai.data.core import DataLoaders
+    from fastai.data.transforms import IntToFloatTensor
+    rd = ResidentData([np.zeros((1, 64, 64), np.uint8)]*2, [np.zeros((64, 64), np.uint8)]*2)
+    raw = DataLoaders(ResidentDL(rd, bs=2, crop=64, after_batch=[IntToFloatTensor()]),
+                      ResidentDL(rd, bs=2, crop=64, random=False, after_batch=[IntToFloatTensor()]), device='cpu')
+    with pytest.raises(ValueError, match='Normalize'): nucleus_learner(raw)
 
 
-def test_target_to_instances_touching_and_tiny():
-    lbl = np.zeros((20, 30), np.uint16)
-    lbl[2:10, 2:10] = 1; lbl[2:10, 10:18] = 2   # two touching squares
-    lbl[15:17, 25:27] = 3                        # a 2x2 nucleus: boundary only
-    rec = target_to_instances(instance_target(lbl))
-    assert rec.max() == 3 and dsb_score(lbl, rec) == 1.0
-    assert target_to_instances(instance_target(lbl), min_size=5).max() == 2
+DATABLOCK_BUG = ("nucleus_learner reads `dls.vocab`, which the DataBlock path of dsb_dataloaders (resident=False) does "
+                 "not have (fastai's MaskBlock keeps its codes in AddMaskCodes): AttributeError('vocab'), so a learner "
+                 "can only be built on the resident loaders although 01_data presents both paths as interchangeable")
 
 
-def test_target_to_instances_on_real_labels():
-    df = prepare_dsb(DATA, 'train')
-    scores = [dsb_score(l, target_to_instances(instance_target(l))) for l in map(read_label, df.label[:10])]
-    assert np.mean(scores) > 0.95
+@pytest.mark.xfail(strict=True, raises=AttributeError, reason=DATABLOCK_BUG)
+def test_learner_on_datablock_dataloaders(fake):
+    dls = dsb_dataloaders(fake.path, cache=fake.cache, n_items=8, bs=4, crop=64, resident=False, device='cpu')
+    learn = nucleus_learner(dls)
+    assert learn.nucleus['classes'] == ['background', 'nucleus', 'boundary']
+    learn.fit(1, 1e-3)
 
 
-def test_boundary_convention_matches_instance_extraction():
-    "`DSBMetric` (and `Segmenter`) score a perfect prediction of a real target close to 1."
-    l = read_label(prepare_dsb(DATA, 'train').label[0])
-    probs = np.eye(3, dtype=np.float32)[instance_target(l)].transpose(2, 0, 1)
-    from nucleus_seg.instances import probs_to_instances
-    assert dsb_score(l, probs_to_instances(probs)) > 0.9
+# ---------- model files ----------
+def test_model_files_refuse_pickles_and_foreign_files(tmp_path):
+    class Payload:
+        def __reduce__(self): return (Path.touch, (tmp_path/'pwned',))
+    files = {'model.pkl': pickle.dumps(Payload()), 'empty.safetensors': b'', 'notes.safetensors': b'hello world',
+             'image.safetensors': b'\x89PNG\r\n\x1a\n' + b'\0'*40}
+    for n, b in files.items(): (tmp_path/n).write_bytes(b)
+    torch.save(unet_model('compact').state_dict(), tmp_path/'weights.pth')   # a zip with a pickle inside
+    for n in [*files, 'weights.pth']:
+        with pytest.raises(ModelFileError, match='refused'): read_model(tmp_path/n)
+    assert not (tmp_path/'pwned').exists()   # the pickle was never loaded
+    from safetensors.torch import save_file
+    save_file({'w': torch.zeros(2)}, tmp_path/'foreign.safetensors')
+    with pytest.raises(ModelFileError, match='without nucleus-seg'): read_model(tmp_path/'foreign.safetensors')
+    with pytest.raises(FileNotFoundError, match='model file not found'): read_model(tmp_path/'missing.safetensors')
 
 
-# ---------- training: checkpoints, resume, export ----------
-class _Kill(Callback):
-    order = 100
-    def after_epoch(self):
-        if self.epoch == 0: raise KeyboardInterrupt('simulated kill')
-
-
-def test_killed_run_resumes_and_exports(dls, tmp_path):
-    run = tmp_path/'run'
-    with pytest.raises(KeyboardInterrupt):
-        train_nucleus(run, dls=dls, arch=resnet18, epochs=2, pretrained=False, cbs=_Kill())
-    st = torch.load(run/'models'/'last.pth', weights_only=False)
-    assert (st['epoch'], st['n_epoch']) == (0, 2) and {'model', 'opt', 'best'} <= set(st)
-    assert not (run/'model.pkl').exists()
-    with pytest.raises(ValueError, match='2 epochs, not 5'):
-        train_nucleus(run, dls=dls, arch=resnet18, epochs=5, pretrained=False, resume=True)
-    learn = train_nucleus(run, dls=dls, arch=resnet18, epochs=2, pretrained=False, resume=True)
-    assert [len(v) > 0 for v in learn.recorder.values] == [False, True]   # epoch 0 skipped, epoch 1 trained
-    assert torch.load(run/'models'/'last.pth', weights_only=False)['epoch'] == 1
-    assert sorted(p.name for p in (run/'models').iterdir()) == ['best.pth', 'last.pth']  # no temporary files left
-    assert (run/'valid.csv').exists()
-    # the exported model loads and segments whole images of any size
-    loaded = load_learner(run/'model.pkl')
-    assert loaded.nucleus['arch'] == 'resnet18'
-    seg = load_segmenter(run/'model.pkl', tta=False)
-    img = np.random.default_rng(0).integers(0, 255, (70, 45, 3), dtype=np.uint8)
-    lbl = seg.segment(img)
-    assert lbl.shape == (70, 45) and lbl.dtype == np.uint16
-    grey16 = (np.random.default_rng(1).random((100, 130))*65535).astype(np.uint16)
-    assert seg.segment(grey16).shape == (100, 130)
-    # tiling covers the image; TTA keeps probabilities normalised
-    tiled = Segmenter(loaded, tta=True, tile=64, overlap=16).predict_probs(np.zeros((150, 97, 3), np.uint8)+40)
-    assert tiled.shape == (3, 150, 97) and np.allclose(tiled.sum(0), 1, atol=1e-4)
-    assert Segmenter(loaded, tile=64, overlap=16)._tiles(150) == [0, 48, 86]
-    with pytest.raises(ValueError, match='overlap'): Segmenter(loaded, tile=64)
-    with pytest.raises(DSBDataError): seg.segment(b'garbage')
-    with pytest.raises(FileNotFoundError): load_segmenter(run/'missing.pkl')
-    # resume of a finished run trains nothing and re-exports the best model
-    (run/'model.pkl').unlink()
-    train_nucleus(run, dls=dls, arch=resnet18, epochs=2, pretrained=False, resume=True)
-    assert (run/'model.pkl').exists()
-
-
-class _KillAfter(Callback):
-    order = 100
-    def __init__(self, epoch): self.kill_epoch = epoch
-    def after_epoch(self):
-        if self.epoch == self.kill_epoch: raise KeyboardInterrupt('simulated kill')
-
-
-def test_resume_continues_schedule_and_optimiser(dls, tmp_path):
-    "A resumed run trains the remaining epochs at the learning rates of an uninterrupted run, with the optimiser's state."
-    kw = dict(dls=dls, arch=resnet18, epochs=3, pretrained=False, export=None)
-    whole = train_nucleus(tmp_path/'whole', **kw)
-    with pytest.raises(KeyboardInterrupt): train_nucleus(tmp_path/'cut', cbs=_KillAfter(1), **kw)
-    resumed = train_nucleus(tmp_path/'cut', resume=True, **kw)
-    n = len(dls.train)
-    assert [len(v) > 0 for v in resumed.recorder.values] == [False, False, True]
-    assert len(resumed.recorder.lrs) == n and len(whole.recorder.lrs) == 3*n
-    assert np.allclose(resumed.recorder.lrs, whole.recorder.lrs[-n:])      # the one-cycle schedule's last third
-    p = resumed.opt.param_lists[0][0]
-    assert int(resumed.opt.state[p]['step']) == 3*n                           # Adam's state carried over, not restarted
+def test_model_file_round_trip_half_update_and_newer_format(tmp_path):
+    torch.manual_seed(0)
+    m = unet_model('compact', img_size=(64, 64)).eval()
+    cfg = dict(arch='compact', arch_params={'widen': 0.25}, n_out=3, img_size=[64, 64], input=dict(mode='grey', mean=[0.5]*3, std=[0.25]*3))
+    fn = save_model(m, tmp_path/'m.safetensors', cfg)
+    assert [p.name for p in tmp_path.iterdir()] == ['m.safetensors']   # written atomically, no temporary file left
+    loaded, cfg2 = load_model(fn)
+    assert cfg2 == cfg and same_weights(loaded.state_dict(), m.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = m(x).softmax(1)
+        assert torch.allclose(loaded(x).softmax(1), ref, atol=1e-6)
+        half = save_model(m, tmp_path/'h.safetensors', cfg, half=True)
+        assert half.stat().st_size < 0.6*fn.stat().st_size
+        assert (load_model(half)[0](x).softmax(1) - ref).abs().max() < 5e-3
+    new = update_model(fn, postprocess=dict(min_size=20))
+    sd, cfg3 = read_model(fn)
+    assert cfg3 == new == {**cfg, 'postprocess': dict(min_size=20)} and same_weights(sd, m.state_dict())
+    from safetensors.torch import save
+    future = save(m.state_dict(), metadata=dict(format=MODEL_FORMAT, format_version=str(MODEL_FORMAT_VERSION+1), nucleus_seg=json.dumps(cfg)))
+    (tmp_path/'future.safetensors').write_bytes(future)
+    with pytest.raises(ModelFileError, match='newer'): read_model(tmp_path/'future.safetensors')
 
 
 def test_atomic_save_keeps_old_file_on_failure(tmp_path):
     fn = atomic_save({'a': 1}, tmp_path/'x.pth')
-    with pytest.raises(Exception): atomic_save({'f': lambda: 0}, fn)  # lambdas can't be pickled
+    with pytest.raises(Exception): atomic_save({'f': lambda: 0}, fn)   # lambdas can't be pickled
     assert torch.load(fn, weights_only=False) == {'a': 1}
     assert [p.name for p in tmp_path.iterdir()] == ['x.pth']
 
 
+def test_check_run_folder(tmp_path, monkeypatch):
+    assert check_run_folder(tmp_path/'a'/'b').is_dir()
+    (tmp_path/'file').write_text('x')
+    with pytest.raises(OSError, match='cannot write the run folder'): check_run_folder(tmp_path/'file'/'run')
+    import shutil, collections
+    monkeypatch.setattr(shutil, 'disk_usage', lambda p: collections.namedtuple('U', 'total used free')(1, 1, 2**20))
+    with pytest.raises(OSError, match='1 MiB free, training needs about'): check_run_folder(tmp_path/'c', unet_model('compact'))
+
+
 def test_tensorboard_optional(tmp_path):
-    try: import tensorboard  # noqa: F401
-    except ImportError:
-        with pytest.warns(UserWarning, match='TensorBoard logging skipped'):
-            from nucleus_seg.learner import _tensorboard_cb
-            assert _tensorboard_cb(tmp_path) is None
-    else:
-        from nucleus_seg.learner import _tensorboard_cb
-        assert _tensorboard_cb(tmp_path) is not None
+    from nucleus_seg.learner import _tensorboard_cb
+    if importlib.util.find_spec('tensorboard') is None:
+        with pytest.warns(UserWarning, match='TensorBoard logging skipped'): assert _tensorboard_cb(tmp_path) is None
+    else: assert _tensorboard_cb(tmp_path) is not None
 
 
-# ---------- evaluation sources ----------
-def test_image_items_sources(tmp_path):
-    df = prepare_dsb(DATA, 'test')
-    assert len(image_items(df.image[0].parent.parent)) == len(df)          # prepared split folder (index.csv)
-    assert len(image_items(df.image[0].parent)) == len(df)                 # plain folder of images
-    df.iloc[:3].to_csv(tmp_path/'idx.csv', index=False)
-    assert list(image_items(tmp_path/'idx.csv').image_id) == list(df.image_id[:3])
-    with pytest.raises(FileNotFoundError): image_items(tmp_path/'nope')
-    (tmp_path/'empty').mkdir()
-    with pytest.raises(FileNotFoundError): image_items(tmp_path/'empty')
+# ---------- training: export, best model, resume ----------
+def test_exported_model_predicts_what_the_learner_predicts(tiny_run):
+    """The model file, loaded by `load_segmenter`, gives the trained learner's own validation probabilities: same
+    weights, same input mode ('hed': hematoxylin for the histology image), same normalisation, to float tolerance."""
+    learn, run = tiny_run
+    dl = learn.dls.valid
+    assert not dl.random and set(dl.dataset.items.modality) == {'fluorescence', 'histology', 'brightfield'}
+    ref, _ = learn.get_preds(dl=dl)   # the learner's pipeline: decoded once, centre crops, Normalize, softmax
+    seg = load_segmenter(run/'model.safetensors', tta=False, device='cpu')
+    assert seg.mode == 'hed' and seg.config['input']['mode'] == 'hed'
+    c = dl.crop
+    for k, r in enumerate(dl.dataset.items.itertuples()):
+        img = read_image(r.image)
+        y0, x0 = (img.shape[0]-c)//2, (img.shape[1]-c)//2    # the validation crop: centred
+        got = seg.predict_probs(img[y0:y0+c, x0:x0+c], stats=input_stats(img, 'hed'))   # normalised as the whole image
+        np.testing.assert_allclose(got, ref[k].numpy(), atol=1e-4, err_msg=r.modality)
+    assert float(ref.std()) > 0.05   # the predictions vary: the comparison has teeth
+    ft = learner_from_file(run/'model.safetensors', learn.dls)
+    assert torch.allclose(ft.get_preds(dl=dl)[0], ref, atol=1e-5)
+
+
+@pytest.mark.xfail(strict=True, raises=pickle.UnpicklingError, reason=CHECKPOINT_BUG)
+def test_checkpoint_loads_safely(fake, tmp_path):
+    "A checkpoint written by `CheckpointCallback` loads back with `load_checkpoint` (weights only, no pickled code)."
+    run = tmp_path/'run'
+    with pytest.raises(KeyboardInterrupt): train_nucleus(run, **_tiny(fake, epochs=2), cbs=KillAfter(0))
+    learn = nucleus_learner(tiny_dls(fake))
+    state = load_checkpoint(learn, run/'models'/'last.pth')
+    assert (state['epoch'], state['n_epoch']) == (0, 2)
+
+
+def test_best_epoch_kept_and_carried_over_on_resume(fake, tmp_path, capsys, resumable):
+    """best.pth and the model file hold the best epoch's weights (not the last epoch's), and a resumed run starts
+    from the best score so far: a worse epoch after resuming does not replace the best model."""
+    run, scores = tmp_path/'run', [0.2, 0.6, 0.4]
+    first = Snapshots()
+    with pytest.raises(KeyboardInterrupt):
+        train_nucleus(run, **_tiny(fake, epochs=3), metrics=ScriptedDSB(scores), cbs=[first, KillAfter(1)])
+    last = checkpoint_state(run/'models'/'last.pth')
+    assert (last['epoch'], last['n_epoch'], last['best']) == (1, 3, pytest.approx(0.6))
+    best = torch.load(run/'models'/'best.pth', weights_only=True)
+    assert same_weights(best, first.states[1]) and not same_weights(best, first.states[0])
+    assert not (run/'model.safetensors').exists()
+
+    resumed = Snapshots()
+    learn = train_nucleus(run, **_tiny(fake, epochs=3), metrics=ScriptedDSB(scores), cbs=[resumed], resume=True)
+    assert f"Resuming from {run/'models'/'last.pth'} at epoch 2 of 3" in capsys.readouterr().out
+    assert not same_weights(resumed.states[2], first.states[1])   # epoch 2 trained (and scored 0.4)
+    assert same_weights(torch.load(run/'models'/'best.pth', weights_only=True), first.states[1])
+    last = checkpoint_state(run/'models'/'last.pth')
+    assert (last['epoch'], last['best']) == (2, pytest.approx(0.6))
+    assert same_weights(learn.model.state_dict(), first.states[1])   # the learner ends on the best epoch
+    sd, cfg = read_model(run/'model.safetensors')
+    assert same_weights(sd, first.states[1])
+    assert cfg['recipe']['best_crop_dsb'] == 0.6 and cfg['recipe']['resumed_at_epoch'] == 2
+
+
+def test_killed_run_resumes_and_rewrites_model_file(fake, tmp_path, resumable):
+    run = tmp_path/'run'
+    with pytest.raises(KeyboardInterrupt): train_nucleus(run, **_tiny(fake, epochs=2), cbs=KillAfter(0))
+    st = checkpoint_state(run/'models'/'last.pth')
+    assert (st['epoch'], st['n_epoch']) == (0, 2) and {'model', 'opt', 'best'} <= set(st)
+    assert not (run/'model.safetensors').exists() and (run/'valid.csv').exists()
+    with pytest.raises(ValueError, match='2 epochs, not 5'): train_nucleus(run, **_tiny(fake, epochs=5), resume=True)
+    learn = train_nucleus(run, **_tiny(fake, epochs=2), resume=True)
+    assert [len(v) > 0 for v in learn.recorder.values] == [False, True]   # epoch 0 skipped, epoch 1 trained
+    assert checkpoint_state(run/'models'/'last.pth')['epoch'] == 1
+    assert sorted(p.name for p in (run/'models').iterdir()) == ['best.pth', 'last.pth']   # no temporary files
+    assert {'model.safetensors', 'models', 'valid.csv'} <= {p.name for p in run.iterdir()}
+    assert not [p for p in run.rglob('*') if p.name.startswith('.')]   # no temporary files
+
+
+FINISHED_RUN_BUG = ("train_nucleus(resume=True) on a finished run (last.pth at the last epoch) skips fit, so "
+                    "TrainTimer.before_fit never sets `epochs` and reading `timer.img_per_s` for the recipe raises "
+                    "AttributeError('img_per_s'): the model file of a finished run cannot be rewritten")
+
+
+@pytest.mark.xfail(strict=True, raises=AttributeError, reason=FINISHED_RUN_BUG)
+def test_resuming_a_finished_run_rewrites_model_file(fake, tmp_path, resumable):
+    "Resuming a finished run trains nothing and writes the model file again, from the best weights."
+    run = tmp_path/'run'
+    train_nucleus(run, **_tiny(fake, epochs=1))
+    (run/'model.safetensors').unlink()
+    before = {p.name: p.read_bytes() for p in (run/'models').iterdir()}
+    train_nucleus(run, **_tiny(fake, epochs=1), resume=True)
+    assert {p.name: p.read_bytes() for p in (run/'models').iterdir()} == before   # nothing trained
+    assert same_weights(read_model(run/'model.safetensors')[0], torch.load(run/'models'/'best.pth', weights_only=True))
+
+
+def test_resume_continues_schedule_and_optimiser(fake, tmp_path, resumable):
+    "A resumed run trains the remaining epochs at the learning rates of an uninterrupted run, with the optimiser's state."
+    kw = _tiny(fake, epochs=3, model_file=None)
+    whole = train_nucleus(tmp_path/'whole', **kw)
+    with pytest.raises(KeyboardInterrupt): train_nucleus(tmp_path/'cut', cbs=KillAfter(1), **kw)
+    resumed = train_nucleus(tmp_path/'cut', resume=True, **kw)
+    n = len(resumed.dls.train)
+    assert [len(v) > 0 for v in resumed.recorder.values] == [False, False, True]
+    assert len(resumed.recorder.lrs) == n and len(whole.recorder.lrs) == 3*n
+    assert np.allclose(resumed.recorder.lrs, whole.recorder.lrs[-n:])   # the one-cycle schedule's last third
+    p = resumed.opt.param_lists[0][0]
+    assert int(resumed.opt.state[p]['step']) == 3*n                     # Adam's state carried over, not restarted
+    assert not list(tmp_path.rglob('*.safetensors'))                   # model_file=None writes none
+
+
+# ---------- speed: compile_unet, two processes ----------
+def test_compile_unet_matches_eager():
+    "`compile_unet` fixes the dynamo failure at fastai's TensorBase boundary (aot_eager: the graph without inductor)."
+    from fastai.torch_core import TensorImage, TensorBase
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = unet_model('compact', img_size=(64, 64)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(): ref = m(x)
+    backend = 'inductor' if os.environ.get('NUCLEUS_SEG_INDUCTOR') else 'aot_eager'
+    cm = compile_unet(m, backend=backend, fullgraph=True)
+    with torch.no_grad(): out = cm(TensorImage(x))
+    assert type(out) is TensorBase
+    assert ((out-ref).abs().max()/ref.abs().max()).item() < 1e-4
+
+
+TRAIN = '''
+import json, sys
+from pathlib import Path
+import numpy as np, torch
+from fastai.data.core import DataLoaders
+from fastai.distributed import rank_distrib, num_distrib
+from nucleus_seg.data import ResidentData, ResidentDL
+from nucleus_seg.learner import nucleus_learner, fix_gloo_broadcast
+fix_gloo_broadcast()   # fastai's DistributedDL broadcasts on CUDA; on the CPU (gloo) it must not
+out = Path(sys.argv[1]); torch.set_num_threads(1)
+rng = np.random.default_rng(0)
+imgs = [rng.integers(0, 255, (1, 40, 48), dtype=np.uint8) for _ in range(8)]
+tgts = [rng.integers(0, 3, (40, 48), dtype=np.uint8) for _ in range(8)]
+dls = DataLoaders(ResidentDL(ResidentData(imgs, tgts), bs=2, crop=32),
+                  ResidentDL(ResidentData(imgs[:4], tgts[:4], split_idx=1), bs=2, crop=32), device='cpu')
+learn = nucleus_learner(dls, 'compact', metrics=[], path=out)
+seen = []
+learn.model.register_forward_pre_hook(lambda m, a: seen.append(float(a[0].float().sum())) if m.training else None)
+with learn.distrib_ctx(sync_bn=False, cpu=True): learn.fit(1, 1e-3)
+learn.save('tiny')
+r = rank_distrib()
+(out/f'rank{r}.json').write_text(json.dumps(dict(rank=r, world=num_distrib(), backend=torch.distributed.get_backend(),
+    batch_sums=seen, valid_loss=float(learn.recorder.values[-1][1]))))
+'''
+
+
+def test_two_process_cpu_training(tmp_path):
+    "`accelerate launch` with 2 processes on the CPU (gloo): both ranks train on their half of each epoch, rank 0 saves."
+    if importlib.util.find_spec('accelerate') is None:
+        if in_ci(): pytest.fail('accelerate (the dev extra) is not installed')
+        pytest.skip('accelerate not installed (dev extra)')
+    (tmp_path/'train.py').write_text(TRAIN)
+    # `--cpu` makes accelerate 1.x run a single process; `--multi_gpu` goes through torch.distributed.run and the
+    # script's `Accelerator(cpu=True)` then uses gloo. This interpreter, so the ranks import the code under test.
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
+           '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '29517', str(tmp_path/'train.py'), str(tmp_path)]
+    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path/f'rank{i}.json').read_text()) for i in range(2)]
+    assert [o['rank'] for o in ranks] == [0, 1] and all(o['world'] == 2 and o['backend'] == 'gloo' for o in ranks)
+    assert [len(o['batch_sums']) for o in ranks] == [2, 2]      # 8 crops, bs 2, split over 2 ranks
+    assert ranks[0]['batch_sums'] != ranks[1]['batch_sums']     # different data on each rank
+    assert ranks[0]['valid_loss'] == pytest.approx(ranks[1]['valid_loss'])   # gathered validation
+    assert (tmp_path/'models'/'tiny.pth').exists()

@@ -1,9 +1,10 @@
-"Checks of `nucleus_seg.metrics` against a plain, obviously-correct loop implementation."
+"""Tests of `nucleus_seg.metrics` (03_metrics) against a plain, obviously-correct loop implementation, and hand-computed
+cases (IoU exactly at a threshold, splits and merges)."""
 import numpy as np, pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 from hypothesis.extra.numpy import arrays
 from nucleus_seg.metrics import (THRESHOLDS, iou_matrix, iou_pairs, dsb_score, threshold_scores, matching_stats,
-                                 image_report, dataset_score)
+                                 match_instances, image_report, image_scores, dataset_score, settings_scores)
 
 # ---- reference implementation: loops over objects, masks compared one pair at a time ----
 def ref_iou(y_true, y_pred):
@@ -79,6 +80,18 @@ def test_matching_stats_consistent(pair, thresh):
     if thresh >= 0.5: assert s['tp'] == sum(v > thresh for v in iou.values())
     else: assert s['tp'] >= sum(v > 0.5 for v in iou.values())  # a one-to-one matching keeps every unique match
 
+@settings(max_examples=100, deadline=None)
+@given(st.one_of(label_pairs(), blob_pairs()), st.sampled_from([0.5, 0.7, 0.9]))
+def test_match_instances_matches_reference(pair, thresh):
+    "Matched pairs are exactly the pairs with IoU above the threshold; the rest of each side are FP and FN."
+    y_true,y_pred = pair
+    ts,ps,iou = ref_iou(y_true, y_pred)
+    m = match_instances(y_true, y_pred, thresh)
+    want = sorted((i,j) for (i,j),v in iou.items() if v > thresh)
+    assert sorted(zip(m['tp_true'].tolist(), m['tp_pred'].tolist())) == want
+    assert sorted(m['fp'].tolist()) == sorted(set(ps) - {j for _,j in want})
+    assert sorted(m['fn'].tolist()) == sorted(set(ts) - {i for i,_ in want})
+
 def test_large_ids_use_sparse_path():
     "Label ids large enough that the dense table would be huge give the same answer as small ids."
     rng = np.random.default_rng(0)
@@ -153,3 +166,25 @@ def test_pure_numpy_modules_do_not_import_torch():
     import subprocess, sys
     code = "import sys, nucleus_seg.metrics, nucleus_seg.rle, nucleus_seg.instances; print('torch' in sys.modules or 'fastai' in sys.modules)"
     assert subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.strip() == 'False'
+
+def test_match_instances_hand_case_and_threshold():
+    yt = np.array([[1,1,0,2,2],[1,1,0,2,2],[0,0,0,0,0]])
+    yp = np.array([[4,4,0,5,0],[4,4,0,5,0],[0,0,0,0,6]])   # 4 = 1 exactly, 5 = half of 2 (IoU 0.5), 6 spurious
+    m = match_instances(yt, yp)
+    assert (m['tp_true'].tolist(), m['tp_pred'].tolist(), m['fp'].tolist(), m['fn'].tolist()) == ([1], [4], [5, 6], [2])
+    with pytest.raises(ValueError, match='at least 0.5'): match_instances(yt, yp, 0.3)
+
+def test_image_report_lists():
+    yt = np.array([[1,1,0,2,2],[1,1,0,2,2],[0,0,0,0,0]])
+    yp = np.array([[4,4,0,5,0],[4,4,0,5,0],[0,0,0,0,6]])
+    r = image_report(yt, yp)
+    assert (r['n_true'], r['n_pred'], r['tp']) == (2, 3, 1)
+    assert r['missed'].tolist() == [2] and r['false'].tolist() == [5, 6] and r['matched_ious'].tolist() == [1.0]
+    assert r['score'] == pytest.approx(np.mean([1/4]*10)) and r['scores'][0.5] == pytest.approx(1/4)   # TP 1, FP 2, FN 1
+    assert image_scores({'a': yt}, {'a': yp}) == {'a': r['score']}
+
+def test_settings_scores():
+    "The DSB score of the instances each setting extracts: perfect probabilities score 1, a size filter above every nucleus 0."
+    yt = np.zeros((20, 20), np.uint16); yt[2:8, 2:8] = 1; yt[10:18, 10:18] = 2
+    probs = np.zeros((3, 20, 20), np.float32); probs[0][yt == 0] = 1; probs[1][yt > 0] = 1
+    assert settings_scores(probs, yt, [dict(min_size=1), dict(min_size=100), dict(min_size=50)]) == [1.0, 0.0, pytest.approx(1/2)]
