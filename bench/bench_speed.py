@@ -89,7 +89,7 @@ def test_speed(learn, a, dev):
     for _ in range(a.repeats):
         sync(dev); t = time.perf_counter(); segment_folder(seg, test, show_progress=False); sync(dev)
         times.append(time.perf_counter()-t)
-    return dict(n_test_images=len(test), test_seconds=round(float(np.median(times)), 3), runs=[round(t, 3) for t in times],
+    return dict(n_test_images=len(test), test_seconds=round(float(np.median(times)), 3), test_runs=[round(t, 3) for t in times],
                 tta=seg.tta, infer_bs=a.infer_bs, infer_workers=a.infer_workers)
 
 def main(argv=None):

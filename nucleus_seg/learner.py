@@ -195,6 +195,7 @@ class CheckpointCallback(_TrainedEpochs, Callback):
     def after_epoch(self):
         if self.skipped: return
         best = getattr(getattr(self.learn, 'best_model', None), 'best', None)
+        if best is not None: best = float(best)  # a NumPy scalar from the metric would not load with weights_only
         state = dict(model=get_model(self.model).state_dict(), opt=self.opt.state_dict(), epoch=self.epoch,
                      n_epoch=self.n_epoch, best=best)
         atomic_save(state, self.path/self.model_dir/f'{self.fname}.pth')
@@ -212,11 +213,15 @@ class HistoryCallback(_TrainedEpochs, Callback):
         if old is not None: row = pd.concat([old[old.epoch != self.epoch], row]).sort_values('epoch')
         atomic_write(self.fn, lambda t: row.to_csv(t, index=False))
 
+_np_core = getattr(np, '_core', None) or np.core
+_PLAIN_DATA = [L, _np_core.multiarray.scalar, np.dtype, *(type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_))]
+
 def read_checkpoint(fn, # checkpoint written by `CheckpointCallback`
                     map_location='cpu', # where its tensors go
                    )->dict:
     "A `CheckpointCallback` file, read with `torch.load(weights_only=True)`: tensors and plain data only, never code"
-    with torch.serialization.safe_globals([L]): return torch.load(fn, map_location=map_location, weights_only=True)
+    # fastai's optimiser state holds fastcore `L`s and NumPy scalars (the one-cycle schedule's values): data, not code
+    with torch.serialization.safe_globals(_PLAIN_DATA): return torch.load(fn, map_location=map_location, weights_only=True)
 
 def load_checkpoint(learn:Learner, # learner built like the one that wrote the checkpoint
                     fn, # checkpoint written by `CheckpointCallback`
