@@ -18,8 +18,7 @@ if _missing:
 
 from playwright.sync_api import sync_playwright
 from nucleus_seg.data import dsb_path
-from nucleus_seg.viewers import ClassicalSegmenter
-from nucleus_seg.app import serve_app, wait_for_port, free_port, decode_upload
+from nucleus_seg.app import serve_app, wait_for_port, free_port, decode_upload, app_segmenter
 
 ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
         '--disable-background-networking', '--disable-component-update', '--disable-sync']
@@ -78,11 +77,11 @@ def screenshot_dir(workdir):
 
 def test_page_says_which_model(page):
     text = page.locator('.nucleus-model').inner_text()
-    assert 'No trained model' in text and 'classical baseline' in text
+    assert 'bundled model' in text and 'default.safetensors' in text  # no model named: the package's own
 
 
 def test_upload_image_shows_overlay_and_count(page, dsb_png, workdir):
-    expected = ClassicalSegmenter().segment(decode_upload(dsb_png.name, dsb_png.read_bytes()))
+    expected = app_segmenter().segment(decode_upload(dsb_png.name, dsb_png.read_bytes()))  # what the page's segmenter finds
     n = len(set(expected[expected>0].ravel().tolist()))
     upload(page, dsb_png)
     count = page.locator('.nucleus-count')
