@@ -10,7 +10,7 @@ __all__ = ['DEFAULT_MODEL', 'MAX_PIXELS', 'FLIPS', 'IMAGE_EXTS', 'DEFAULT_POST',
            'SkippedImageWarning', 'segment_folder', 'evaluate_model', 'test_mix', 'modality_scores', 'tune_thresholds',
            'tune_model']
 
-# %% ../nbs/06_inference.ipynb #5b7c9f6b
+# %% ../nbs/06_inference.ipynb #19519efb
 import os, time, warnings, itertools, multiprocessing
 from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
@@ -25,7 +25,7 @@ from .metrics import image_report, dsb_score, settings_scores
 from .rle import write_submission, read_solution
 from .learner import load_model, update_model, compile_unet
 
-# %% ../nbs/06_inference.ipynb #b037decc
+# %% ../nbs/06_inference.ipynb #e8f7bf9c
 DEFAULT_MODEL = Path(nucleus_seg.__file__).parent/'models'/'default.safetensors'
 MAX_PIXELS = 25_000_000
 
@@ -60,7 +60,7 @@ class Segmenter:
         if compile: compile_unet(self.model, **({} if compile is True else dict(backend=compile)))
         self.name = name or f"{config.get('arch', 'U-Net')} model"
 
-# %% ../nbs/06_inference.ipynb #94ecd46d
+# %% ../nbs/06_inference.ipynb #ed09f907
 def _describe(fn:Path, cfg:dict)->str:
     "How a model file is named in messages: file, arch, how it was trained, its validation score"
     r,s = cfg.get('recipe', {}),cfg.get('scores', {})
@@ -80,7 +80,7 @@ def load_segmenter(fn=None, # model file (`.safetensors`); None: the bundled `DE
     name = ('bundled model ' if bundled else 'model ') + _describe(fn, cfg)
     return Segmenter(model, cfg, device=device, **{'name': name, **kwargs})
 
-# %% ../nbs/06_inference.ipynb #9a2a7692
+# %% ../nbs/06_inference.ipynb #11fa4de1
 FLIPS = [(), (-1,), (-2,), (-2,-1)]
 
 @patch
@@ -109,7 +109,7 @@ def _probs(self:Segmenter, xs:np.ndarray, # prepared images of one size, B×H×W
     p = torch.stack([o.flip(f) if f else o for o,f in zip(p, flips)]).mean(0)
     return p[..., :h, :w].cpu().numpy()
 
-# %% ../nbs/06_inference.ipynb #81b3668e
+# %% ../nbs/06_inference.ipynb #9bac9987
 @patch
 def _tiles(self:Segmenter, n):
     "Start positions of overlapping tiles covering a side of length `n`"
@@ -135,7 +135,7 @@ def predict_probs(self:Segmenter, img, # image path, bytes or array
     out /= cnt
     return out
 
-# %% ../nbs/06_inference.ipynb #d1ab6521
+# %% ../nbs/06_inference.ipynb #b07f84d7
 def _core_instances(lbl:np.ndarray, core:tuple)->np.ndarray:
     "Label ids of `lbl` whose centroid lies in `core` = (y0, y1, x0, x1), in window coordinates"
     from scipy import ndimage as ndi
@@ -180,7 +180,7 @@ def segment_windows(self:Segmenter, img, # a large image (path, bytes or array)
             nxt = paste_instances(out, lbl, ids, (wy, wx), nxt)
     return out.astype(np.uint16) if nxt<=65536 else out
 
-# %% ../nbs/06_inference.ipynb #f9be4ad6
+# %% ../nbs/06_inference.ipynb #2fb6f2f2
 @patch
 def extract(self:Segmenter, probs:np.ndarray, # (C,H,W) probabilities
            )->np.ndarray:
@@ -196,7 +196,7 @@ def segment(self:Segmenter, img, # image path, bytes or array
     if a.shape[0]*a.shape[1] > self.max_pixels: return self.segment_windows(a, stats=stats)
     return self.extract(self.predict_probs(a, stats))
 
-# %% ../nbs/06_inference.ipynb #ca00e3d5
+# %% ../nbs/06_inference.ipynb #26cea178
 def instance_pool(n_workers:int, # processes; 0: `None` (extract in the calling process)
                  ):
     "A process pool for `probs_to_instances` (forkserver: workers import only NumPy and scikit-image code)"
@@ -226,7 +226,7 @@ def segment_many(self:Segmenter, imgs, # images (arrays, paths or bytes)
     finally:
         if pool is not None: pool.shutdown(cancel_futures=True)
 
-# %% ../nbs/06_inference.ipynb #8f80b2b8
+# %% ../nbs/06_inference.ipynb #4ede78ea
 def classical_probs(img, # uint8 image, grey or RGB, any modality
                     sigma:float=1.0, # Gaussian smoothing before thresholding, in pixels
                     softness:float=0.05, # width of the soft threshold, in normalised intensity
@@ -260,7 +260,7 @@ class ClassicalSegmenter:
         "Yield the label image of every image in `imgs`"
         for o in imgs: yield self.segment(o)
 
-# %% ../nbs/06_inference.ipynb #f38c50e3
+# %% ../nbs/06_inference.ipynb #ce4acf8a
 IMAGE_EXTS = ('.png','.jpg','.jpeg','.tif','.tiff','.bmp')
 
 def _index_csv(fn):
@@ -288,7 +288,7 @@ def image_items(src, # image file, folder, list of files, index table, prepared 
     if not fs: raise FileNotFoundError(f"no images in {src}")
     return pd.DataFrame(dict(image_id=[f.stem for f in fs], image=fs))
 
-# %% ../nbs/06_inference.ipynb #736dbdbd
+# %% ../nbs/06_inference.ipynb #bc9c3d93
 class SkippedImageWarning(UserWarning):
     "An image that could not be read and was skipped"
 
@@ -343,7 +343,7 @@ def segment_folder(seg, # a segmenter (`segment_many`, or `segment(img) -> label
     return pd.DataFrame(rows, columns=['image_id','status','height','width','n_nuclei','error']).sort_values(
         'image_id', key=lambda s: s.map(order), kind='stable').reset_index(drop=True)
 
-# %% ../nbs/06_inference.ipynb #962164b3
+# %% ../nbs/06_inference.ipynb #94e33c93
 def _true_label(r, truth=None):
     "True label image of index row `r`: from `truth` (solution), its `label` file, or the Kaggle `masks/` beside it"
     if truth is not None:
@@ -376,7 +376,7 @@ def evaluate_model(seg, # a segmenter (`segment_many`, or `segment(img) -> label
     df.attrs['failed'] = failed
     return (float(df.dsb.mean()) if len(df) else float('nan')),df
 
-# %% ../nbs/06_inference.ipynb #afb770de
+# %% ../nbs/06_inference.ipynb #1b54a691
 def test_mix(path=None, # DSB2018 location (see `dsb_path`)
              cache=None, # cache folder (see `dsb_cache`)
             )->dict:
@@ -394,7 +394,7 @@ def modality_scores(df:pd.DataFrame, # per-image table from `evaluate_model`
         res.loc['test mix'] = [sum(res.loc[m,'mean']*v for m,v in w.items())/sum(w.values()), len(df)]
     return res.rename(columns={'mean':'dsb','count':'n_images'}).astype({'n_images':int})
 
-# %% ../nbs/06_inference.ipynb #71670983
+# %% ../nbs/06_inference.ipynb #d747c974
 DEFAULT_POST = dict(fg_thresh=0.5, interior_thresh=0.5, min_size=15, fill_holes=True)  # `probs_to_instances`' defaults
 TUNE_GRID = dict(interior_thresh=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8], fg_thresh=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
                  min_size=[5, 10, 15, 25, 40, 60], fill_holes=[True, False])
@@ -431,7 +431,7 @@ def tune_thresholds(probs:list, # (C,H,W) probabilities of each validation image
     table = pd.DataFrame([dict(s) | dict(dsb=v) for s,v in tried.items()]).sort_values('dsb', ascending=False)
     return best,table.reset_index(drop=True)
 
-# %% ../nbs/06_inference.ipynb #ea01b710
+# %% ../nbs/06_inference.ipynb #b9f69c37
 def tune_model(fn, # model file (see `load_model`); its configuration is updated in place
                items, # validation images with labels (anything `image_items` takes, e.g. the run's `valid.csv`)
                grid:dict=None, # see `tune_thresholds`
