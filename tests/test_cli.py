@@ -168,12 +168,7 @@ def test_sigint_during_training_exits_130(fake, fake_env, tmp_path):
     assert torch.load(out/'models'/'last.pth', weights_only=False)['n_epoch'] == 60
 
 
-CHECKPOINT_BUG = ("load_checkpoint reads last.pth with torch.load(weights_only=True) but the checkpoint holds the "
-                  "optimiser's hypers (a fastcore L) and a NumPy scalar: `train --resume` fails with 'Weights only "
-                  "load failed' (pinned in test_learner.py::test_checkpoint_loads_safely)")
 
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=CHECKPOINT_BUG)
 def test_killed_training_resumes(fake, fake_env, tmp_path):
     "SIGKILL a run once its first checkpoint is written; `--resume` continues from the epoch after it."
     out = tmp_path/'run'

@@ -53,13 +53,12 @@ class Snapshots(Callback):
     def after_epoch(self): self.states[self.epoch] = {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
 
 
-CHECKPOINT_BUG = ("load_checkpoint reads models/last.pth with torch.load(weights_only=True), but CheckpointCallback "
-                  "writes the optimiser's state_dict (its `hypers` are a fastcore `L`) and the best score (a NumPy "
-                  "scalar), which weights_only refuses: every --resume after a kill fails with UnpicklingError")
+# Checkpoints hold plain data that weights_only refuses by default (the optimiser's `hypers` are fastcore `L`s, the
+# one-cycle values NumPy scalars); `read_checkpoint` allows exactly that, and test_checkpoint_loads_safely guards it.
 
 
 def checkpoint_globals():
-    "The globals a checkpoint holds (fastai allows the same ones in `Learner.load`): the work-around for CHECKPOINT_BUG."
+    "The globals a checkpoint holds (fastai allows the same ones in `Learner.load`): to read a checkpoint in a test."
     from fastcore.foundation import L
     core = np._core if hasattr(np, '_core') else np.core
     return torch.serialization.safe_globals([L, core.multiarray.scalar, np.dtype, *[getattr(np.dtypes, d) for d in np.dtypes.__all__]])
@@ -67,8 +66,8 @@ def checkpoint_globals():
 
 @pytest.fixture
 def resumable(monkeypatch):
-    """Let resumed runs load their checkpoint despite CHECKPOINT_BUG (pinned by `test_checkpoint_loads_safely`), so
-    that the resume tests check everything else; harmless once the bug is fixed."""
+    """Resumed runs load their checkpoint with the same allowed globals (kept from when `load_checkpoint` refused
+    them; `test_checkpoint_loads_safely` tests `load_checkpoint` alone)."""
     import nucleus_seg.learner as NL
     orig = NL.load_checkpoint
     def load_checkpoint(learn, fn):
@@ -284,7 +283,6 @@ def test_exported_model_predicts_what_the_learner_predicts(tiny_run):
     assert torch.allclose(ft.get_preds(dl=dl)[0], ref, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=pickle.UnpicklingError, reason=CHECKPOINT_BUG)
 def test_checkpoint_loads_safely(fake, tmp_path):
     "A checkpoint written by `CheckpointCallback` loads back with `load_checkpoint` (weights only, no pickled code)."
     run = tmp_path/'run'
