@@ -238,7 +238,7 @@ def serve_app(model=None, # model file; default `$NUCLEUS_SEG_MODEL`, else the b
               max_pixels:int=None, # largest image accepted, in pixels; default `MAX_PIXELS`
               log=None, # file object for Voila's output; default inherit
              )->subprocess.Popen:
-    "Start Voila serving the app; the returned process has `.url`."
+    "Start Voila serving the app; the returned process has `.url` and `.port`."
     if model and model != 'classical' and not Path(model).exists(): raise FileNotFoundError(f"model file {model} not found")
     port = port or free_port(ip)
     nb = Path(nb) if nb else app_notebook(tempfile.mkdtemp(prefix='nucleus_app_'))
@@ -247,7 +247,7 @@ def serve_app(model=None, # model file; default `$NUCLEUS_SEG_MODEL`, else the b
     if max_pixels: env['NUCLEUS_SEG_MAX_PIXELS'] = str(int(max_pixels))
     cmd = [sys.executable, '-m', 'voila', nb.name, f'--port={port}', f'--Voila.ip={ip}', '--no-browser']
     proc = subprocess.Popen(cmd, cwd=nb.parent, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
-    proc.url = f'http://{ip}:{port}/'
+    proc.url,proc.port = f'http://{ip}:{port}/',port
     return proc
 
 def wait_for_port(port:int, # port to poll

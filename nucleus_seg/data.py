@@ -318,7 +318,7 @@ def dsb_batch_tfms(input_mode:str='grey', # the images' input mode: colour augme
                   )->list:
     "Batch transforms for DSB2018: dihedral, zoom, intensity (and colour) augmentation, ImageNet normalisation."
     tfms = [Dihedral(p=1.)] if dihedral else []
-    if zoom: tfms.append(Zoom(min_zoom=1/zoom[1], max_zoom=1/zoom[0], p=0.75))  # fastai zooms *in* by its factor
+    if zoom: tfms.append(Zoom(min_zoom=zoom[0], max_zoom=zoom[1], p=0.75))  # `Zoom(f)` shows content at f times its size
     tfms += [Brightness(max_lighting, p=0.75), Contrast(max_lighting, p=0.75)]
     if input_mode == 'rgb': tfms += [Saturation(max_lighting, p=0.5), Hue(0.05, p=0.5)]
     return tfms + [Normalize.from_stats(*imagenet_stats)]

@@ -10,7 +10,7 @@ __all__ = ['dask_client', 'SegmenterPlugin', 'register_segmenter', 'worker_segme
            'seam_matches', 'write_tiff']
 
 # %% ../nbs/10_distributed.ipynb #539af8f9
-import os, csv, time, inspect, uuid, json, shutil, pickle, hashlib, resource, itertools
+import os, time, inspect, uuid, json, shutil, pickle, hashlib, resource, itertools
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +23,7 @@ except ImportError as e:
     raise ImportError(f"nucleus_seg.distributed needs Dask and zarr ({e.name} is missing): pip install 'nucleus-seg[dask]'") from None
 from .io import to_rgb, input_stats, read_label, save_label, save_image, nucleus_table, atomic_write, progress
 from .instances import outline_overlay
-from .rle import label_to_rles
+from .rle import label_to_rles, write_submission
 from .learner import read_model
 from .inference import DEFAULT_MODEL, load_segmenter, segment_folder, image_items, _readable, _warn, _core_instances
 
@@ -162,14 +162,6 @@ def _run_tasks(client, jobs:list, args:tuple, max_pending:int, retries:int):
             while todo and len(running) < max_pending: submit()
     finally: client.cancel([v[0] for v in running.values()])
 
-def _write_submission(fn, ids:list, rles:dict):
-    "Kaggle submission rows of `ids` from their run-length encodings, as `write_submission` writes them"
-    def write(tmp):
-        with open(tmp, 'w', newline='') as f:
-            wr = csv.writer(f); wr.writerow(['ImageId', 'EncodedPixels'])
-            for i in ids: wr.writerows((i, r) for r in rles[i] or [''])
-    return atomic_write(fn, write)
-
 def _folder_options(kwargs:dict)->dict:
     "Pop `segment_folder`'s output options (`overlays`, `submission`, `report`...) from `kwargs`, with its defaults"
     ps = inspect.signature(segment_folder).parameters
@@ -208,7 +200,7 @@ def segment_collection(src, # images: anything `image_items` takes (paths the wo
         rows = list(progress(results(c, register_segmenter(c, model, **kwargs)), total=len(recs), desc='segmenting', show=o['show_progress']))
     df = pd.DataFrame(rows, columns=['image_id','status','height','width','n_nuclei','error','resumed','worker','seconds'])
     df = df.sort_values('image_id', key=lambda s: s.map(order), kind='stable').reset_index(drop=True)
-    if submission is not None: _write_submission(submission, list(df.image_id[df.status=='ok']), rles)
+    if submission is not None: write_submission({i: rles[i] or [] for i in df.image_id[df.status=='ok']}, submission)
     if dest is not None:
         failed = pd.DataFrame(dict(image_id=df.image_id, image=df.image_id.map(paths), error=df.error))[df.status=='failed']
         if len(failed): atomic_write(dest/'failures.csv', lambda t: failed.to_csv(t, index=False))

@@ -16,7 +16,7 @@ import os, sys, json, socket, time, warnings, datetime, contextlib
 from functools import partial
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F, torchvision
-from fastcore.all import store_attr, ifnone, L, risinstance, first
+from fastcore.all import store_attr, ifnone, L, risinstance, first, nested_attr
 from fastai.vision.all import (Callback, Metric, Learner, SaveModelCallback, Normalize, get_model, AMPMode, set_seed,
                                create_unet_model, model_meta)
 from fastai.vision.learner import create_body, _default_meta
@@ -130,6 +130,12 @@ def _target_of(codes)->str:
     "The `TARGET_CODES` name of a list of class names"
     return next((k for k,v in TARGET_CODES.items() if list(v)==list(codes)), 'classes3' if len(codes)==3 else 'binary')
 
+def _mask_codes(dls)->list:
+    "The class names of the masks in `dls`: `dls.vocab`, or the codes of fastai's `MaskBlock`"
+    codes = getattr(dls, 'vocab', None) or nested_attr(dls, 'train.after_item.vocab', None)
+    if not codes: raise ValueError("dls have no mask classes: build them with `MaskBlock(codes)` or set `dls.vocab`")
+    return list(codes)
+
 def nucleus_learner(dls, # `DataLoaders` from `dsb_dataloaders` (images and classes3 or binary masks)
                     arch:str='compact', # encoder, a name in `ARCHS`
                     arch_params:dict=None, # `encoder_fn` parameters
@@ -147,7 +153,7 @@ def nucleus_learner(dls, # `DataLoaders` from `dsb_dataloaders` (images and clas
     sd = load_imagenet_weights(arch, weights_url, model_dir) if ifnone(pretrained, tv) and tv else None
     if not dls.after_batch.fs.filter(risinstance(Normalize)): raise ValueError("dls have no Normalize batch transform (use dsb_dataloaders)")
     norm = first(dls.after_batch.fs.filter(risinstance(Normalize)))
-    codes = list(dls.vocab)
+    codes = _mask_codes(dls)
     img_size = dls.one_batch()[0].shape[-2:]
     model = unet_model(arch, len(codes), img_size, arch_params)
     learn = Learner(dls, model, loss_func=ifnone(loss_func, NucleusLoss()), metrics=ifnone(metrics, DSBMetric()),
@@ -379,6 +385,7 @@ def check_run_folder(path, # run folder to create or reuse
 class TrainTimer(Callback):
     "Images and seconds of every training phase: `img_per_s` is their median rate over the epochs after the first"
     order = 0
+    def __init__(self): self.epochs = []  # empty when a resumed run had no epoch left to train
     def before_fit(self): self.epochs = []
     def before_train(self): self.n,self.t0 = 0,time.perf_counter()
     def after_batch(self):

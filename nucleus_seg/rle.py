@@ -80,13 +80,14 @@ def label_to_rles(label, # integer label image, 0 is background
 
 # %% ../nbs/04_rle.ipynb #50564d02
 def _submission_rows(image_id, label)->list:
-    "`(image_id, rle)` rows of one image: one per nucleus, or one empty row"
+    "`(image_id, rle)` rows of one image (a label image, or its nuclei's run-length encodings): one per nucleus, or one empty row"
+    if isinstance(label, (list, tuple)) and all(isinstance(r, str) for r in label): return [(image_id, r) for r in label or ['']]
     label = np.asarray(label)
     if not (np.issubdtype(label.dtype, np.integer) or label.dtype==bool) or label.ndim != 2:
         raise ValueError(f"prediction for {image_id} must be a 2D integer label image, got {label.dtype} {label.shape}")
     return [(image_id, r) for r in label_to_rles(label) or ['']]
 
-def write_submission(preds, # image id -> integer label image (0 background), or `(image_id, label)` pairs
+def write_submission(preds, # image id -> integer label image (0 background) or its nuclei's encodings, or `(image_id, label)` pairs
                      fn, # CSV file to write
                     ) -> Path:
     "Write a Kaggle submission `ImageId,EncodedPixels`: one row per nucleus, empty images listed with no pixels."

@@ -1,4 +1,4 @@
-import functools, threading
+import contextlib, functools, subprocess, threading
 from http.server import ThreadingHTTPServer, SimpleHTTPRequestHandler
 import pytest
 
@@ -19,6 +19,25 @@ def serve_folder():
         return f'http://127.0.0.1:{srv.server_address[1]}/', stop
     yield serve
     for srv in list(servers): srv.shutdown(); srv.server_close()
+
+
+@pytest.fixture(scope='session')
+def serve_process():
+    """Factory: `with serve_process(start, log_fn) as proc:` runs the server process `start(log)` returns (one with a
+    `.port`), from when its port answers to the end of the block; then stops it and closes its log."""
+    @contextlib.contextmanager
+    def serve(start, log_fn, timeout=180):
+        from nucleus_seg.app import wait_for_port
+        with open(log_fn, 'w') as log:
+            proc = start(log)
+            try:
+                wait_for_port(proc.port, timeout=timeout, proc=proc)
+                yield proc
+            finally:
+                proc.terminate()
+                try: proc.wait(15)
+                except subprocess.TimeoutExpired: proc.kill()
+    return serve
 
 
 # ---------- data: the real DSB2018 (skipped without it, a failure under CI) and synthetic stand-ins ----------

@@ -14,7 +14,7 @@ from nucleus_seg.io import read_image, nucleus_table
 from nucleus_seg.rle import rle_csv, rle_decode
 from nucleus_seg.inference import ClassicalSegmenter
 from nucleus_seg.app import (NucleusApp, UploadError, MAX_PIXELS, decode_upload, segment_upload, app_segmenter, api_app,
-                             serve_api, wait_for_port)
+                             serve_api)
 
 
 @pytest.fixture(scope='module')
@@ -209,18 +209,9 @@ def _hwm(pid)->int:
 
 
 @pytest.fixture(scope='module')
-def server(tmp_path_factory):
+def server(tmp_path_factory, serve_process):
     "The HTTP endpoint with the bundled model, in its own process on a free port of 127.0.0.1."
-    log = open(tmp_path_factory.mktemp('api')/'api.log', 'w')
-    proc = serve_api(log=log)
-    try:
-        wait_for_port(proc.port, timeout=180, proc=proc)
-        yield proc
-    finally:
-        proc.terminate()
-        try: proc.wait(15)
-        except Exception: proc.kill()
-        log.close()
+    with serve_process(lambda log: serve_api(log=log), tmp_path_factory.mktemp('api')/'api.log') as proc: yield proc
 
 
 def _fifty_mb_png()->bytes:

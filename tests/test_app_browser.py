@@ -18,7 +18,7 @@ if _missing:
 
 from playwright.sync_api import sync_playwright
 from nucleus_seg.data import dsb_path
-from nucleus_seg.app import serve_app, wait_for_port, free_port, decode_upload, app_segmenter
+from nucleus_seg.app import serve_app, decode_upload, app_segmenter
 
 ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
         '--disable-background-networking', '--disable-component-update', '--disable-sync']
@@ -38,19 +38,9 @@ def dsb_png(workdir):
 
 
 @pytest.fixture(scope='module')
-def server(workdir):
-    port = free_port()
-    log = open(workdir/'voila.log', 'w')
-    proc = serve_app(port=port, log=log)
-    try:
-        wait_for_port(port, timeout=120, proc=proc)
-        yield proc
-    finally:
-        proc.terminate()
-        try: proc.wait(15)
-        except Exception: proc.kill()
-        log.close()
-        print('voila log:', workdir/'voila.log')
+def server(workdir, serve_process):
+    with serve_process(lambda log: serve_app(port=0, log=log), workdir/'voila.log', timeout=120) as proc: yield proc
+    print('voila log:', workdir/'voila.log')
 
 
 @pytest.fixture(scope='module')

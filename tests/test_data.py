@@ -374,11 +374,6 @@ def _zoomed_sides(zoom) -> set:
     return {int(round(float((o[0] > 0.5).sum().sqrt()))) for o in y}
 
 
-ZOOM_BUG = ("dsb_batch_tfms passes Zoom(min_zoom=1/largest, max_zoom=1/smallest), but fastai's Zoom(f) scales the "
-            "content by f (checked in this test): zoom=(0.5, 0.5) doubles nuclei instead of halving them, and the "
-            "default (0.5, 1.5) shows nuclei at 0.67-2x their size, not the documented 0.5-1.5x")
-
-
 def test_fastai_zoom_scales_content_by_its_factor():
     "The ground truth of the next test: fastai's `Zoom(f)` makes a 16 px square 16*f px."
     from fastai.vision.augment import Zoom
@@ -389,10 +384,11 @@ def test_fastai_zoom_scales_content_by_its_factor():
         assert float((y[0, 0] > 0.5).sum().sqrt()) == pytest.approx(16*f, abs=0.1)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ZOOM_BUG)
 def test_zoom_scales_nuclei_as_documented():
     "`zoom=(a, b)` shows nuclei from a to b times their size (01_data: 'from half to one and a half times their size')."
     assert _zoomed_sides((0.5, 0.5)) == {16, 8}    # unscaled (p=0.75) or halved
+    assert max(_zoomed_sides((2., 2.))) == 32     # doubled (squares near the border are cut)
+    assert min(_zoomed_sides((0.5, 1.5))) >= 8 and max(_zoomed_sides((0.5, 1.5))) <= 24
 
 
 @pytest.mark.parametrize('resident', [True, False])

@@ -53,33 +53,6 @@ class Snapshots(Callback):
     def after_epoch(self): self.states[self.epoch] = {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
 
 
-# Checkpoints hold plain data that weights_only refuses by default (the optimiser's `hypers` are fastcore `L`s, the
-# one-cycle values NumPy scalars); `read_checkpoint` allows exactly that, and test_checkpoint_loads_safely guards it.
-
-
-def checkpoint_globals():
-    "The globals a checkpoint holds (fastai allows the same ones in `Learner.load`): to read a checkpoint in a test."
-    from fastcore.foundation import L
-    core = np._core if hasattr(np, '_core') else np.core
-    return torch.serialization.safe_globals([L, core.multiarray.scalar, np.dtype, *[getattr(np.dtypes, d) for d in np.dtypes.__all__]])
-
-
-@pytest.fixture
-def resumable(monkeypatch):
-    """Resumed runs load their checkpoint with the same allowed globals (kept from when `load_checkpoint` refused
-    them; `test_checkpoint_loads_safely` tests `load_checkpoint` alone)."""
-    import nucleus_seg.learner as NL
-    orig = NL.load_checkpoint
-    def load_checkpoint(learn, fn):
-        with checkpoint_globals(): return orig(learn, fn)
-    monkeypatch.setattr(NL, 'load_checkpoint', load_checkpoint)
-
-
-def checkpoint_state(fn) -> dict:
-    "A `CheckpointCallback` file, read as `load_checkpoint` should (weights only)."
-    with checkpoint_globals(): return torch.load(fn, weights_only=True)
-
-
 def same_weights(a:dict, b:dict) -> bool:
     return set(a) == set(b) and all(torch.equal(a[k].float(), b[k].float()) for k in a)
 
@@ -185,12 +158,6 @@ def test_learner_needs_normalised_dls():
     with pytest.raises(ValueError, match='Normalize'): nucleus_learner(raw)
 
 
-DATABLOCK_BUG = ("nucleus_learner reads `dls.vocab`, which the DataBlock path of dsb_dataloaders (resident=False) does "
-                 "not have (fastai's MaskBlock keeps its codes in AddMaskCodes): AttributeError('vocab'), so a learner "
-                 "can only be built on the resident loaders although 01_data presents both paths as interchangeable")
-
-
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=DATABLOCK_BUG)
 def test_learner_on_datablock_dataloaders(fake):
     dls = dsb_dataloaders(fake.path, cache=fake.cache, n_items=8, bs=4, crop=64, resident=False, device='cpu')
     learn = nucleus_learner(dls)
@@ -292,14 +259,14 @@ def test_checkpoint_loads_safely(fake, tmp_path):
     assert (state['epoch'], state['n_epoch']) == (0, 2)
 
 
-def test_best_epoch_kept_and_carried_over_on_resume(fake, tmp_path, capsys, resumable):
+def test_best_epoch_kept_and_carried_over_on_resume(fake, tmp_path, capsys):
     """best.pth and the model file hold the best epoch's weights (not the last epoch's), and a resumed run starts
     from the best score so far: a worse epoch after resuming does not replace the best model."""
     run, scores = tmp_path/'run', [0.2, 0.6, 0.4]
     first = Snapshots()
     with pytest.raises(KeyboardInterrupt):
         train_nucleus(run, **_tiny(fake, epochs=3), metrics=ScriptedDSB(scores), cbs=[first, KillAfter(1)])
-    last = checkpoint_state(run/'models'/'last.pth')
+    last = read_checkpoint(run/'models'/'last.pth')
     assert (last['epoch'], last['n_epoch'], last['best']) == (1, 3, pytest.approx(0.6))
     best = torch.load(run/'models'/'best.pth', weights_only=True)
     assert same_weights(best, first.states[1]) and not same_weights(best, first.states[0])
@@ -310,7 +277,7 @@ def test_best_epoch_kept_and_carried_over_on_resume(fake, tmp_path, capsys, resu
     assert f"Resuming from {run/'models'/'last.pth'} at epoch 2 of 3" in capsys.readouterr().out
     assert not same_weights(resumed.states[2], first.states[1])   # epoch 2 trained (and scored 0.4)
     assert same_weights(torch.load(run/'models'/'best.pth', weights_only=True), first.states[1])
-    last = checkpoint_state(run/'models'/'last.pth')
+    last = read_checkpoint(run/'models'/'last.pth')
     assert (last['epoch'], last['best']) == (2, pytest.approx(0.6))
     assert same_weights(learn.model.state_dict(), first.states[1])   # the learner ends on the best epoch
     sd, cfg = read_model(run/'model.safetensors')
@@ -318,28 +285,22 @@ def test_best_epoch_kept_and_carried_over_on_resume(fake, tmp_path, capsys, resu
     assert cfg['recipe']['best_crop_dsb'] == 0.6 and cfg['recipe']['resumed_at_epoch'] == 2
 
 
-def test_killed_run_resumes_and_rewrites_model_file(fake, tmp_path, resumable):
+def test_killed_run_resumes_and_rewrites_model_file(fake, tmp_path):
     run = tmp_path/'run'
     with pytest.raises(KeyboardInterrupt): train_nucleus(run, **_tiny(fake, epochs=2), cbs=KillAfter(0))
-    st = checkpoint_state(run/'models'/'last.pth')
+    st = read_checkpoint(run/'models'/'last.pth')
     assert (st['epoch'], st['n_epoch']) == (0, 2) and {'model', 'opt', 'best'} <= set(st)
     assert not (run/'model.safetensors').exists() and (run/'valid.csv').exists()
     with pytest.raises(ValueError, match='2 epochs, not 5'): train_nucleus(run, **_tiny(fake, epochs=5), resume=True)
     learn = train_nucleus(run, **_tiny(fake, epochs=2), resume=True)
     assert [len(v) > 0 for v in learn.recorder.values] == [False, True]   # epoch 0 skipped, epoch 1 trained
-    assert checkpoint_state(run/'models'/'last.pth')['epoch'] == 1
+    assert read_checkpoint(run/'models'/'last.pth')['epoch'] == 1
     assert sorted(p.name for p in (run/'models').iterdir()) == ['best.pth', 'last.pth']   # no temporary files
     assert {'model.safetensors', 'models', 'valid.csv'} <= {p.name for p in run.iterdir()}
     assert not [p for p in run.rglob('*') if p.name.startswith('.')]   # no temporary files
 
 
-FINISHED_RUN_BUG = ("train_nucleus(resume=True) on a finished run (last.pth at the last epoch) skips fit, so "
-                    "TrainTimer.before_fit never sets `epochs` and reading `timer.img_per_s` for the recipe raises "
-                    "AttributeError('img_per_s'): the model file of a finished run cannot be rewritten")
-
-
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=FINISHED_RUN_BUG)
-def test_resuming_a_finished_run_rewrites_model_file(fake, tmp_path, resumable):
+def test_resuming_a_finished_run_rewrites_model_file(fake, tmp_path):
     "Resuming a finished run trains nothing and writes the model file again, from the best weights."
     run = tmp_path/'run'
     train_nucleus(run, **_tiny(fake, epochs=1))
@@ -350,7 +311,7 @@ def test_resuming_a_finished_run_rewrites_model_file(fake, tmp_path, resumable):
     assert same_weights(read_model(run/'model.safetensors')[0], torch.load(run/'models'/'best.pth', weights_only=True))
 
 
-def test_resume_continues_schedule_and_optimiser(fake, tmp_path, resumable):
+def test_resume_continues_schedule_and_optimiser(fake, tmp_path):
     "A resumed run trains the remaining epochs at the learning rates of an uninterrupted run, with the optimiser's state."
     kw = _tiny(fake, epochs=3, model_file=None)
     whole = train_nucleus(tmp_path/'whole', **kw)
