@@ -9,7 +9,7 @@ __all__ = ['ARCHS', 'WEIGHTS_URL_ENV', 'MODEL_FORMAT', 'MODEL_FORMAT_VERSION', '
            'unet_model', 'imagenet_weights_url', 'load_imagenet_weights', 'nucleus_learner', 'atomic_save',
            'BestModelCallback', 'CheckpointCallback', 'HistoryCallback', 'read_checkpoint', 'load_checkpoint',
            'ModelFileError', 'save_model', 'read_model', 'load_model', 'learner_from_file', 'update_model',
-           'compile_unet', 'fix_gloo_broadcast', 'check_run_folder', 'TrainTimer', 'train_nucleus']
+           'compile_unet', 'fix_gloo_broadcast', 'check_run_folder', 'TrainTimer', 'train_nucleus', 'plot_history']
 
 # %% ../nbs/05_learner.ipynb #d771e6cd
 import os, sys, json, socket, time, warnings, datetime, contextlib
@@ -477,3 +477,23 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
             from nucleus_seg.inference import tune_model
             learn.nucleus = tune_model(fn, dls.valid_items)
     return learn
+
+# %% ../nbs/05_learner.ipynb #514afda7
+def plot_history(src, # a run folder (its `history.csv`) or the CSV file itself
+                 ax=None, # matplotlib axes for the losses (the DSB score gets a twin axis); default a new figure
+                ):
+    "Training and validation loss and the validation DSB score by epoch, from a run's `history.csv`; the kept epoch marked"
+    import pandas as pd, matplotlib.pyplot as plt
+    fn = Path(src)/'history.csv' if Path(src).is_dir() else Path(src)
+    if not fn.exists(): raise FileNotFoundError(f"{fn}: no training history (train_nucleus writes one per run)")
+    h = pd.read_csv(fn).dropna(subset=['train_loss'])
+    if ax is None: ax = plt.subplots(figsize=(6, 3))[1]
+    ax.plot(h.epoch, h.train_loss, label='train loss'); ax.plot(h.epoch, h.valid_loss, label='valid loss')
+    ax.set(xlabel='epoch (from 0, as fastai counts)', ylabel='loss')
+    if 'dsb' in h:
+        d = ax.twinx(); d.plot(h.epoch, h.dsb, 'g.-', ms=3, label='valid DSB (crops)'); d.set_ylabel('DSB')
+        best = h.loc[h.dsb.idxmax()]
+        d.axvline(best.epoch, color='g', ls=':', lw=1, label=f'kept: epoch {int(best.epoch)} ({best.dsb:.3f})')
+        ax.legend(handles=ax.get_lines()+d.get_lines(), loc='center right', fontsize='small')
+    else: ax.legend(fontsize='small')
+    return ax

@@ -387,3 +387,12 @@ def test_two_process_cpu_training(tmp_path):
     assert ranks[0]['batch_sums'] != ranks[1]['batch_sums']     # different data on each rank
     assert ranks[0]['valid_loss'] == pytest.approx(ranks[1]['valid_loss'])   # gathered validation
     assert (tmp_path/'models'/'tiny.pth').exists()
+
+
+def test_plot_history_marks_the_kept_epoch(tmp_path):
+    import pandas as pd, matplotlib.pyplot as plt
+    pd.DataFrame(dict(epoch=[0, 1, 2], train_loss=[1., .8, .7], valid_loss=[.9, .85, .8], dsb=[.1, .3, .2])).to_csv(tmp_path/'history.csv', index=False)
+    ax = plot_history(tmp_path)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ['train loss', 'valid loss', 'valid DSB (crops)', 'kept: epoch 1 (0.300)']
+    plt.close(ax.figure)
+    with pytest.raises(FileNotFoundError, match='no training history'): plot_history(tmp_path/'elsewhere')
