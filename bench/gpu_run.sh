@@ -16,6 +16,9 @@ if [ -d .whl ] && ! python3 -c "import fastai" 2>/dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH"
+# the console script (the tutorial runs `nucleus-seg submit`): the package is on PYTHONPATH, not installed there
+mkdir -p /tmp/site/bin && printf '#!/usr/bin/env python3\nimport sys\nfrom nucleus_seg.cli import main\nsys.exit(main())\n' > /tmp/site/bin/nucleus-seg
+chmod +x /tmp/site/bin/nucleus-seg && nucleus-seg --help > /dev/null || { echo "nucleus-seg launcher failed"; exit 1; }
 if [ -d .dsb_cache ]; then export NUCLEUS_SEG_CACHE="$PWD/.dsb_cache"; unset NUCLEUS_SEG_DATA; export HOME=/tmp/gpuhome; fi
 python3 -c "import torch, fastai, nucleus_seg; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', '| torch', torch.__version__, '| fastai', fastai.__version__)"
 if [ -n "${GPU_RUN_QUICK:-}" ]; then TRAIN="--quick"; SPEED="--quick"; CUDA=""; else TRAIN="--gpu-recipe"; SPEED="--peak-tflops 989"; CUDA="--flags cuda"; fi

@@ -396,3 +396,13 @@ def test_plot_history_marks_the_kept_epoch(tmp_path):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ['train loss', 'valid loss', 'valid DSB (crops)', 'kept: epoch 1 (0.300)']
     plt.close(ax.figure)
     with pytest.raises(FileNotFoundError, match='no training history'): plot_history(tmp_path/'elsewhere')
+
+
+def test_learner_trains_channels_last_on_the_cpu(dls):
+    "Without mixed precision the network still trains in the channels-last layout (faster on CPUs); `channels_last=False` keeps NCHW."
+    def layouts(learn):
+        learn.fit(1, 1e-3)
+        ws = [p for p in learn.model.parameters() if p.ndim == 4]
+        return {w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in ws if w.shape[-1] > 1}
+    assert layouts(nucleus_learner(dls)) == {True}
+    assert layouts(nucleus_learner(dls, channels_last=False)) == {False}
