@@ -347,7 +347,7 @@ import json, sys
 from pathlib import Path
 import numpy as np, torch
 from fastai.data.core import DataLoaders
-from fastai.distributed import rank_distrib, num_distrib
+from fastai.distributed import rank_distrib, num_distrib, teardown_distrib
 from nucleus_seg.data import ResidentData, ResidentDL
 from nucleus_seg.learner import nucleus_learner, fix_gloo_broadcast
 fix_gloo_broadcast()   # fastai's DistributedDL broadcasts on CUDA; on the CPU (gloo) it must not
@@ -365,6 +365,9 @@ learn.save('tiny')
 r = rank_distrib()
 (out/f'rank{r}.json').write_text(json.dumps(dict(rank=r, world=num_distrib(), backend=torch.distributed.get_backend(),
     batch_sums=seen, valid_loss=float(learn.recorder.values[-1][1]))))
+# distrib_ctx frees the process group only when it made it (in notebooks); one left to interpreter exit can abort a
+# rank under load ("terminate called without an active exception", seen once in CI)
+teardown_distrib()
 '''
 
 
