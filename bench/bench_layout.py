@@ -10,7 +10,7 @@ import argparse, json, os, sys, time
 from pathlib import Path
 import numpy as np, torch
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_speed import Throughput
+from bench_speed import Throughput, device_tag
 from nucleus_seg.data import dsb_dataloaders
 from nucleus_seg.learner import nucleus_learner
 
@@ -21,7 +21,7 @@ def main(argv=None):
     ap.add_argument('--steps', type=int, default=6); ap.add_argument('--repeats', type=int, default=2); ap.add_argument('--rounds', type=int, default=2)
     a = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count())
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else f'cpu-{os.cpu_count()}core'
+    name = device_tag('cuda' if torch.cuda.is_available() else 'cpu')
     dls = dsb_dataloaders(n_items=a.n_items, bs=a.bs, crop=a.crop)
     rates = {'NCHW': [], 'channels-last': []}
     for _ in range(a.rounds):

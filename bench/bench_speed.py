@@ -6,11 +6,13 @@
 (a) plain: the fastai recipe as a user would write it: a `DataBlock` over the cached PNGs (`RandomCrop`, fastai's
     `aug_transforms`, ImageNet `Normalize`), `unet_learner`, the default `DataLoader` (fastai's worker count).
 (b) project: what `train_nucleus` runs: `dsb_dataloaders` (decoded once, crops and flips as one gather on the
-    device) and `nucleus_learner` (bf16 and channels-last on CUDA), same encoder, crop and batch size; `--compile`
-    adds `compile_unet`.
+    device) and `nucleus_learner` (bf16 and channels-last on CUDA), same encoder, crop and batch size;
+(c) with `--compile`, also (b) with `compile_unet` (`project_compiled`), in the same run.
 Training images/s are the median of `--repeats` timed runs of `--steps` batches after `--warmup` batches.
 Inference: the stage-1 test images, from files to instance labels, through the `Segmenter` that `predict` and
-`submit` use (`segment_folder`), with the model's TTA; warm-up first, then the median of `--repeats` runs.
+`submit` use (`segment_folder`), with the model's TTA; warm-up first, then the median of `--repeats` runs, for each
+number of extraction processes in `--infer-workers`; `--model` times a trained model (a briefly trained one's noisy
+outputs are slower to turn into instances).
 FLOPs per image (training step and forward) come from `torch.utils.flop_counter`; with `--peak-tflops` the training
 rate is also given as a fraction of the device's dense bf16 peak. Results: `bench/results/speed_<device>.json`.
 """
@@ -22,8 +24,12 @@ from fastai.vision.all import (Callback, CancelFitException, DataBlock, ImageBlo
 from torch.utils.flop_counter import FlopCounterMode
 from nucleus_seg.io import read_label
 from nucleus_seg.data import prepare_dsb, dsb_dataloaders, instance_target, modality_subset, TARGET_CODES
-from nucleus_seg.learner import nucleus_learner, NucleusLoss, encoder_fn, compile_unet
+from nucleus_seg.learner import nucleus_learner, NucleusLoss, encoder_fn, compile_unet, load_model
 from nucleus_seg.inference import Segmenter, segment_folder
+
+def device_tag(dev)->str:
+    "The device as results name it: the GPU's name, or `cpu-<N>core`"
+    return torch.cuda.get_device_name() if torch.device(dev).type == 'cuda' else f'cpu-{os.cpu_count()}core'
 
 def sync(dev):
     if torch.device(dev).type == 'cuda': torch.cuda.synchronize()
@@ -62,7 +68,7 @@ def train_speed(kind, a, dev, df):
     else:
         dls = dsb_dataloaders(n_items=a.n_items, bs=a.bs, crop=a.crop, device=dev)
         learn = nucleus_learner(dls, a.arch, pretrained=False, metrics=[])
-        if a.compile: compile_unet(learn.model)
+        if kind == 'project_compiled': compile_unet(learn.model)
     if torch.device(dev).type == 'cuda': torch.cuda.reset_peak_memory_stats()
     cb = Throughput(a.warmup, a.steps, a.repeats)
     with learn.no_bar(), learn.no_logging(): learn.fit(10**6, 1e-3, cbs=cb)
@@ -79,18 +85,18 @@ def flops(model, a, dev):
     with FlopCounterMode(display=False) as fc, torch.no_grad(): model(x)
     return dict(train_flops_per_image=train, forward_flops_per_image=fc.get_total_flops()/2)
 
-def test_speed(learn, a, dev):
+def test_speed(model, cfg, a, dev, n_workers):
     "Seconds for the stage-1 test images, files to instance labels, through `Segmenter` (median of the runs)"
-    seg = Segmenter(learn.model, learn.nucleus, device=dev, bs=a.infer_bs, n_workers=a.infer_workers,
-                    **({} if a.tta == 'model' else dict(tta=a.tta == 'on')))
+    seg = Segmenter(model, cfg, device=dev, bs=a.infer_bs, n_workers=n_workers, **({} if a.tta == 'model' else dict(tta=a.tta == 'on')))
     test = prepare_dsb(split='test', progress=False).iloc[:a.test_images]
-    segment_folder(seg, test, show_progress=False)  # warm-up: cuDNN autotuning, allocator
+    segment_folder(seg, test, show_progress=False)  # warm-up: cuDNN autotuning, allocator, extraction processes
     times = []
     for _ in range(a.repeats):
         sync(dev); t = time.perf_counter(); segment_folder(seg, test, show_progress=False); sync(dev)
         times.append(time.perf_counter()-t)
+    seg.close()
     return dict(n_test_images=len(test), test_seconds=round(float(np.median(times)), 3), test_runs=[round(t, 3) for t in times],
-                tta=seg.tta, infer_bs=a.infer_bs, infer_workers=a.infer_workers)
+                tta=seg.tta, infer_bs=a.infer_bs, infer_workers=n_workers)
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -100,32 +106,40 @@ def main(argv=None):
     ap.add_argument('--n-items', type=int, default=None, help='training images (default: all 664)')
     ap.add_argument('--warmup', type=int, default=10); ap.add_argument('--steps', type=int, default=20); ap.add_argument('--repeats', type=int, default=3)
     ap.add_argument('--test-images', type=int, default=65); ap.add_argument('--infer-bs', type=int, default=16)
-    ap.add_argument('--infer-workers', type=int, default=min(8, os.cpu_count()), help='instance extraction processes')
-    ap.add_argument('--compile', action='store_true', help='compile the project model (compile_unet)')
+    ap.add_argument('--infer-workers', default=f'0,{min(8, os.cpu_count())},{os.cpu_count()}',
+                    help='instance extraction processes, a comma-separated list of variants to time (the first is the one reported)')
+    ap.add_argument('--model', default=None, help='model file for the test images (default: the project model as briefly trained here, '
+                                                  'whose noisy outputs make instance extraction slower than a trained model\'s)')
+    ap.add_argument('--compile', action='store_true', help='also time the project path with compile_unet (a third variant)')
     ap.add_argument('--tta', choices=['model', 'on', 'off'], default='model', help="test-time flips for the test images (default: the model's)")
     ap.add_argument('--peak-tflops', type=float, default=None, help="device's dense bf16 peak (H100 SXM: 989)")
     ap.add_argument('--out', default=None, help='JSON file (default bench/results/speed_<device>.json)')
     a = ap.parse_args(argv)
     if a.quick:
         a.arch, a.bs, a.crop, a.n_items, a.warmup, a.steps, a.repeats = 'compact', 4, 64, a.n_items or 16, 1, 2, 2
-        a.test_images, a.infer_bs, a.infer_workers = min(a.test_images, 4), 4, 0
+        a.test_images, a.infer_bs, a.infer_workers = min(a.test_images, 4), 4, '0,2'
     dev = a.device
     if torch.device(dev).type == 'cpu' and os.cpu_count() <= 4: torch.set_num_threads(os.cpu_count())
-    name = torch.cuda.get_device_name() if torch.device(dev).type == 'cuda' else f'cpu-{os.cpu_count()}core'
+    name = device_tag(dev)
     res = dict(device=name, torch=torch.__version__, date=time.strftime('%Y-%m-%d %H:%M'), args=vars(a))
     df = prepare_dsb(progress=False)
     if a.n_items: df = modality_subset(df, a.n_items)
-    learners = {}
-    for kind in ('plain', 'project'):
+    learners, kinds = {}, ('plain', 'project') + (('project_compiled',) if a.compile else ())
+    for kind in kinds:
         res[kind], learners[kind] = train_speed(kind, a, dev, df)
         print(kind, res[kind], flush=True)
     res.update(flops(learners['project'].model, a, dev))
-    res['project'].update(test_speed(learners['project'], a, dev))
-    for kind in ('plain', 'project'):
+    model, cfg = load_model(a.model) if a.model else (learners['project'].model, learners['project'].nucleus)
+    res['test_model'] = str(a.model or 'the project model after the timed batches')
+    variants = [test_speed(model, cfg, a, dev, int(w)) for w in dict.fromkeys(str(a.infer_workers).split(','))]
+    for v in variants: print('test images', v, flush=True)
+    res['project'].update(variants[0]); res['test_variants'] = variants
+    for kind in kinds:
         achieved = res[kind]['train_images_per_s']*res['train_flops_per_image']
         res[kind]['train_tflops'] = achieved/1e12
         res[kind]['fraction_of_bf16_peak'] = achieved/(a.peak_tflops*1e12) if a.peak_tflops else None
     res['ratio'] = res['project']['train_images_per_s']/res['plain']['train_images_per_s']
+    if a.compile: res['ratio_compiled'] = res['project_compiled']['train_images_per_s']/res['plain']['train_images_per_s']
     res['test65_seconds'] = res['project']['test_seconds'] if res['project']['n_test_images'] == 65 else None
     out = Path(a.out or Path(__file__).parent/'results'/f"speed_{name.replace(' ', '_')}{'_quick' if a.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,7 @@ def main(argv=None):
     zoom = None if a.zoom == 'none' else tuple(float(o) for o in a.zoom.split(','))
     res = dict(device=device_name(dev), device_type=dev.type, date=time.strftime('%Y-%m-%d %H:%M:%S'), commit=git_commit(),
                torch=torch.__version__, fastai=fastai.__version__, args=vars(a))
+    reused = a.resume and (out/'model.safetensors').exists()  # a finished run: its model file is loaded, nothing trained
     sync(dev); t0 = time.perf_counter()
     learn = train_nucleus(out, arch=a.arch, epochs=a.epochs, lr=a.lr, bs=a.bs, crop=a.crop, n_items=a.n_items,
                           input_mode=a.input_mode, zoom=zoom, tune=not a.no_tune, resume=a.resume)
@@ -76,8 +77,9 @@ def main(argv=None):
     res['recipe'] = dict(arch=a.arch, arch_params=cfg['arch_params'], epochs=a.epochs, crop=r['crop'], bs=r['bs'], lr=a.lr,
                          target=cfg['target'], input=cfg['input'], zoom=r['zoom'], tta=cfg['tta'], postprocess=cfg['postprocess'])
     res['train_seconds'], res['train_img_per_s'] = r['train_seconds'], r['train_img_per_s']
-    res['train_and_tune_seconds'] = round(total_s, 1)
-    res['peak_gpu_memory_gib'] = round(torch.cuda.max_memory_allocated(dev)/2**30, 2) if dev.type == 'cuda' else None
+    res['reused_run'] = reused
+    res['train_and_tune_seconds'] = None if reused else round(total_s, 1)
+    res['peak_gpu_memory_gib'] = r.get('peak_gpu_gib') if reused else round(torch.cuda.max_memory_allocated(dev)/2**30, 2) if dev.type == 'cuda' else None
     seg = load_segmenter(out/'model.safetensors', device=dev, bs=a.bs_infer, n_workers=a.workers_infer)
     valid = image_items(out/'valid.csv')
     if a.valid_items: valid = valid.groupby('modality').head(a.valid_items)
@@ -115,7 +117,8 @@ def markdown(r):
             ('recipe', f"{rc['arch']} {rc['arch_params']}, {rc['epochs']} epochs, crops {rc['crop']}, bs {rc['bs']}, lr {rc['lr']}, "
                        f"target {rc['target']}, input {rc['input']['mode']}, zoom {rc['zoom']}"),
             ('training', f"{r['train_seconds']} s ({r['train_seconds']/60:.1f} min), {r['train_img_per_s']} images/s at steady state"),
-            ('training + tuning', f"{r['train_and_tune_seconds']} s"), ('peak GPU memory (GiB)', r['peak_gpu_memory_gib']),
+            ('training + tuning', 'not measured: a finished run reused' if r.get('reused_run') else f"{r['train_and_tune_seconds']} s"),
+            ('peak GPU memory in training (GiB)', r['peak_gpu_memory_gib'] if r['peak_gpu_memory_gib'] is not None else 'not recorded'),
             ('tuned thresholds', rc['postprocess']),
             ('validation DSB (whole images, TTA)', f"**{r['val_dsb']}**"),
             *[(f'  {m}', f"{d['dsb']} ({d['n_images']} images)") for m, d in r['val_dsb_per_modality'].items()],

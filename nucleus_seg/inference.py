@@ -202,13 +202,29 @@ def instance_pool(n_workers:int, # processes; 0: `None` (extract in the calling 
     "A process pool for `probs_to_instances` (forkserver: workers import only NumPy and scikit-image code)"
     return ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context('forkserver')) if n_workers else None
 
+@patch(as_prop=True)
+def pool(self:Segmenter):
+    "The extraction processes, started on first use and kept for later calls (None with `n_workers=0`)"
+    p = getattr(self, '_pool', None)
+    if p is None or p._broken: p = self._pool = instance_pool(self.n_workers)
+    return p
+
+@patch
+def __getstate__(self:Segmenter): return {k:v for k,v in self.__dict__.items() if k!='_pool'}  # processes stay behind
+
+@patch
+def close(self:Segmenter):
+    "Stop the extraction processes (a later call starts new ones)"
+    if getattr(self, '_pool', None) is not None: self._pool.shutdown(cancel_futures=True)
+    self._pool = None
+
 @patch
 def segment_many(self:Segmenter, imgs, # images (arrays, paths or bytes)
                  lookahead:int=None, # images read ahead to find same-size batches (default: 4*bs)
                 ):
     "Yield the instance label image of every image in `imgs`, in order, predicting same-size images in batches"
-    it,look = iter(imgs),ifnone(lookahead, 4*max(self.bs, 1))
-    pool = instance_pool(self.n_workers)
+    it,look,res = iter(imgs),ifnone(lookahead, 4*max(self.bs, 1)),[]
+    pool = self.pool
     try:
         while chunk := [read_image(o) for o in itertools.islice(it, look)]:
             res,groups = [None]*len(chunk),{}
@@ -223,8 +239,9 @@ def segment_many(self:Segmenter, imgs, # images (arrays, paths or bytes)
                     for i,p in zip(part, probs):
                         res[i] = pool.submit(probs_to_instances, p, **self.post) if pool else self.extract(p)
             yield from (r.result() if hasattr(r, 'result') else r for r in res)
-    finally:
-        if pool is not None: pool.shutdown(cancel_futures=True)
+    finally:  # stopped early: drop the extractions not started
+        for r in res:
+            if hasattr(r, 'cancel'): r.cancel()
 
 # %% ../nbs/06_inference.ipynb #4ede78ea
 def classical_probs(img, # uint8 image, grey or RGB, any modality

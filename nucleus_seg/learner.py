@@ -409,6 +409,13 @@ def _device_name(dev)->str:
     dev = torch.device(ifnone(dev, 'cpu'))
     return torch.cuda.get_device_name(dev) if dev.type=='cuda' else f'cpu ({os.cpu_count()} cores)'
 
+def _peak_gpu_gib(dev, reset=False)->float:
+    "Peak GPU memory allocated on `dev` in GiB (None on a CPU); `reset` starts counting afresh"
+    dev = torch.device(ifnone(dev, 'cpu'))
+    if dev.type!='cuda': return None
+    if reset: torch.cuda.reset_peak_memory_stats(dev)
+    return round(torch.cuda.max_memory_allocated(dev)/2**30, 2)
+
 def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `model.safetensors`, `valid.csv`, `tb/`
                   dls=None, # `DataLoaders`; None builds them with `dsb_dataloaders` from the arguments below
                   data=None, # DSB2018 location for `dsb_dataloaders` (see `dsb_path`)
@@ -438,11 +445,13 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
     set_seed(seed)
     if dls is None: dls = dsb_dataloaders(data, bs=bs, crop=crop, valid_crop=valid_crop, n_items=n_items, seed=seed, cache=cache,
                                           input_mode=input_mode, zoom=zoom, n_workers=n_workers)
+    ckpt,start,best = path/'models'/'last.pth',0,None
+    _peak_gpu_gib(dls.device, reset=True)
+    if resume and ckpt.exists(): pretrained = False  # the checkpoint's weights replace ImageNet's: no download
     learn = nucleus_learner(dls, arch=arch, pretrained=pretrained, path=path, **kwargs)
     check_run_folder(path, learn.model)
     _save_split(dls, path)
     if compile: compile_unet(learn.model, **({} if compile is True else dict(backend=compile)))
-    ckpt,start,best = path/learn.model_dir/'last.pth',0,None
     if resume and ckpt.exists():
         state = load_checkpoint(learn, ckpt)
         if state['n_epoch']!=epochs: raise ValueError(f"{ckpt} was written by a run of {state['n_epoch']} epochs, not {epochs}")
@@ -469,7 +478,7 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
                     loss='NucleusLoss (cross-entropy, class weights 1/1/3, + soft Dice)', schedule='one-cycle, Adam',
                     n_train=len(dls.train_items), n_valid=len(dls.valid_items), resumed_at_epoch=start or None,
                     device=_device_name(dls.device), torch=torch.__version__,
-                    train_seconds=round(time.perf_counter()-t0, 1), train_img_per_s=timer.img_per_s,
+                    train_seconds=round(time.perf_counter()-t0, 1), train_img_per_s=timer.img_per_s, peak_gpu_gib=_peak_gpu_gib(dls.device),
                     best_crop_dsb=None if getattr(keep, 'best', best) in (None, -np.inf) else round(float(getattr(keep, 'best', best)), 4)),
         valid_ids=[str(o) for o in dls.valid_items.image_id] if hasattr(dls.valid_items, 'image_id') else None,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), version=nucleus_seg.__version__)

@@ -311,6 +311,20 @@ def test_resuming_a_finished_run_rewrites_model_file(fake, tmp_path):
     assert same_weights(read_model(run/'model.safetensors')[0], torch.load(run/'models'/'best.pth', weights_only=True))
 
 
+def test_resume_needs_no_imagenet_weights(fake, tmp_path):
+    "A resumed run takes its weights from the checkpoint: it fetches nothing, so an offline resume says nothing of ImageNet."
+    run, hub = tmp_path/'run', tmp_path/'hub'
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')   # the first run's own warning: no weights there either
+        train_nucleus(run, **_tiny(fake, epochs=1), arch='resnet18', weights_url='http://127.0.0.1:1/first.pth', model_dir=hub)
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter('always')
+        learn = train_nucleus(run, **_tiny(fake, epochs=1), arch='resnet18', weights_url='http://127.0.0.1:1/resumed.pth',
+                              model_dir=hub, resume=True)
+    assert not [w for w in ws if 'ImageNet weights unavailable' in str(w.message)]
+    assert same_weights(learn.model.state_dict(), torch.load(run/'models'/'best.pth', weights_only=True))
+
+
 def test_resume_continues_schedule_and_optimiser(fake, tmp_path):
     "A resumed run trains the remaining epochs at the learning rates of an uninterrupted run, with the optimiser's state."
     kw = _tiny(fake, epochs=3, model_file=None)

@@ -2,7 +2,7 @@
 import base64, json, re
 from pathlib import Path
 
-def directives(src): return dict(re.findall(r'^#\|\s*([\w-]+):?\s*(.*)$', src, re.M))
+def directives(src): return dict(re.findall(r'^#\|[ \t]*([\w-]+):?[ \t]*(.*)$', src, re.M))
 def strip_directives(src): return re.sub(r'^#\|.*\n?', '', src, flags=re.M).strip()
 
 def readme(nb='nbs/index.ipynb', dest='README.md', figs='index_files'):
