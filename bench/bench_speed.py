@@ -8,7 +8,8 @@
 (b) project: what `train_nucleus` runs: `dsb_dataloaders` (decoded once, crops and flips as one gather on the
     device) and `nucleus_learner` (bf16 and channels-last on CUDA), same encoder, crop and batch size;
 (c) with `--compile`, also (b) with `compile_unet` (`project_compiled`), in the same run.
-Training images/s are the median of `--repeats` timed runs of `--steps` batches after `--warmup` batches.
+Training images/s are the median of `--repeats` timed runs of `--steps` batches after `--warmup` batches (validation
+skipped: a timed window spans epochs).
 Inference: the stage-1 test images, from files to instance labels, through the `Segmenter` that `predict` and
 `submit` use (`segment_folder`), with the model's TTA; warm-up first, then the median of `--repeats` runs, for each
 number of extraction processes in `--infer-workers`; `--model` times a trained model (a briefly trained one's noisy
@@ -19,7 +20,7 @@ rate is also given as a fraction of the device's dense bf16 peak. Results: `benc
 import argparse, json, os, platform, time, warnings
 from pathlib import Path
 import numpy as np, torch
-from fastai.vision.all import (Callback, CancelFitException, DataBlock, ImageBlock, MaskBlock, RandomCrop, aug_transforms,
+from fastai.vision.all import (Callback, CancelFitException, CancelValidException, DataBlock, ImageBlock, MaskBlock, RandomCrop, aug_transforms,
                                Normalize, imagenet_stats, unet_learner, CrossEntropyLossFlat, PILImage, PILMask)
 from torch.utils.flop_counter import FlopCounterMode
 from nucleus_seg.io import read_label
@@ -39,6 +40,7 @@ class Throughput(Callback):
     order = 99
     def __init__(self, warmup, steps, repeats): self.warmup,self.steps,self.repeats = warmup,steps,repeats
     def before_fit(self): self.i,self.rates,self.t0 = 0,[],None
+    def before_validate(self): raise CancelValidException()  # timed windows span epochs: training batches alone count
     def after_batch(self):
         if not self.training: return
         self.i += 1
@@ -70,7 +72,8 @@ def train_speed(kind, a, dev, df):
         learn = nucleus_learner(dls, a.arch, pretrained=False, metrics=[])
         if kind == 'project_compiled': compile_unet(learn.model)
     if torch.device(dev).type == 'cuda': torch.cuda.reset_peak_memory_stats()
-    cb = Throughput(a.warmup, a.steps, a.repeats)
+    warmup = max(a.warmup, len(learn.dls.train)+2) if kind == 'project_compiled' else a.warmup  # compiled for both batch shapes first
+    cb = Throughput(warmup, a.steps, a.repeats)
     with learn.no_bar(), learn.no_logging(): learn.fit(10**6, 1e-3, cbs=cb)
     mem = torch.cuda.max_memory_allocated()/2**30 if torch.device(dev).type == 'cuda' else None
     return dict(train_images_per_s=float(np.median(cb.rates)), runs=[round(r, 2) for r in cb.rates], peak_train_mem_gib=mem), learn
@@ -126,7 +129,10 @@ def main(argv=None):
     if a.n_items: df = modality_subset(df, a.n_items)
     learners, kinds = {}, ('plain', 'project') + (('project_compiled',) if a.compile else ())
     for kind in kinds:
-        res[kind], learners[kind] = train_speed(kind, a, dev, df)
+        try: res[kind], learners[kind] = train_speed(kind, a, dev, df)
+        except Exception as e:
+            if kind != 'project_compiled': raise
+            res[kind] = dict(error=f'{type(e).__name__}: {e}'[:500])   # a compile failure leaves the other figures standing
         print(kind, res[kind], flush=True)
     res.update(flops(learners['project'].model, a, dev))
     model, cfg = load_model(a.model) if a.model else (learners['project'].model, learners['project'].nucleus)
@@ -134,12 +140,12 @@ def main(argv=None):
     variants = [test_speed(model, cfg, a, dev, int(w)) for w in dict.fromkeys(str(a.infer_workers).split(','))]
     for v in variants: print('test images', v, flush=True)
     res['project'].update(variants[0]); res['test_variants'] = variants
-    for kind in kinds:
+    for kind in learners:
         achieved = res[kind]['train_images_per_s']*res['train_flops_per_image']
         res[kind]['train_tflops'] = achieved/1e12
         res[kind]['fraction_of_bf16_peak'] = achieved/(a.peak_tflops*1e12) if a.peak_tflops else None
     res['ratio'] = res['project']['train_images_per_s']/res['plain']['train_images_per_s']
-    if a.compile: res['ratio_compiled'] = res['project_compiled']['train_images_per_s']/res['plain']['train_images_per_s']
+    if 'project_compiled' in learners: res['ratio_compiled'] = res['project_compiled']['train_images_per_s']/res['plain']['train_images_per_s']
     res['test65_seconds'] = res['project']['test_seconds'] if res['project']['n_test_images'] == 65 else None
     out = Path(a.out or Path(__file__).parent/'results'/f"speed_{name.replace(' ', '_')}{'_quick' if a.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
