@@ -13,7 +13,7 @@ skipped: a timed window spans epochs).
 Inference: the stage-1 test images, from files to instance labels, through the `Segmenter` that `predict` and
 `submit` use (`segment_folder`), with the model's TTA; warm-up first, then the median of `--repeats` runs, for each
 number of extraction processes in `--infer-workers`; `--model` times a trained model (a briefly trained one's noisy
-outputs are slower to turn into instances).
+outputs are slower to turn into instances). `probs_seconds`: the network alone on the same images, already read.
 FLOPs per image (training step and forward) come from `torch.utils.flop_counter`; with `--peak-tflops` the training
 rate is also given as a fraction of the device's dense bf16 peak. Results: `bench/results/speed_<device>.json`.
 """
@@ -23,7 +23,7 @@ import numpy as np, torch
 from fastai.vision.all import (Callback, CancelFitException, CancelValidException, DataBlock, ImageBlock, MaskBlock, RandomCrop, aug_transforms,
                                Normalize, imagenet_stats, unet_learner, CrossEntropyLossFlat, PILImage, PILMask)
 from torch.utils.flop_counter import FlopCounterMode
-from nucleus_seg.io import read_label
+from nucleus_seg.io import read_label, read_image
 from nucleus_seg.data import prepare_dsb, dsb_dataloaders, instance_target, modality_subset, TARGET_CODES
 from nucleus_seg.learner import nucleus_learner, NucleusLoss, encoder_fn, compile_unet, load_model
 from nucleus_seg.inference import Segmenter, segment_folder
@@ -88,7 +88,7 @@ def flops(model, a, dev):
     with FlopCounterMode(display=False) as fc, torch.no_grad(): model(x)
     return dict(train_flops_per_image=train, forward_flops_per_image=fc.get_total_flops()/2)
 
-def test_speed(model, cfg, a, dev, n_workers):
+def test_speed(model, cfg, a, dev, n_workers, probs=False):
     "Seconds for the stage-1 test images, files to instance labels, through `Segmenter` (median of the runs)"
     seg = Segmenter(model, cfg, device=dev, bs=a.infer_bs, n_workers=n_workers, **({} if a.tta == 'model' else dict(tta=a.tta == 'on')))
     test = prepare_dsb(split='test', progress=False).iloc[:a.test_images]
@@ -98,8 +98,12 @@ def test_speed(model, cfg, a, dev, n_workers):
         sync(dev); t = time.perf_counter(); segment_folder(seg, test, show_progress=False); sync(dev)
         times.append(time.perf_counter()-t)
     seg.close()
+    imgs, probs_times = [read_image(f) for f in test.image], []   # the network alone: images in memory, no extraction
+    for _ in range(a.repeats if probs else 0):
+        sync(dev); t = time.perf_counter(); [seg.predict_probs(im) for im in imgs]; sync(dev)
+        probs_times.append(time.perf_counter()-t)
     return dict(n_test_images=len(test), test_seconds=round(float(np.median(times)), 3), test_runs=[round(t, 3) for t in times],
-                tta=seg.tta, infer_bs=a.infer_bs, infer_workers=n_workers)
+                probs_seconds=round(float(np.median(probs_times)), 3) if probs else None, tta=seg.tta, infer_bs=a.infer_bs, infer_workers=n_workers)
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -137,7 +141,7 @@ def main(argv=None):
     res.update(flops(learners['project'].model, a, dev))
     model, cfg = load_model(a.model) if a.model else (learners['project'].model, learners['project'].nucleus)
     res['test_model'] = str(a.model or 'the project model after the timed batches')
-    variants = [test_speed(model, cfg, a, dev, int(w)) for w in dict.fromkeys(str(a.infer_workers).split(','))]
+    variants = [test_speed(model, cfg, a, dev, int(w), probs=i == 0) for i, w in enumerate(dict.fromkeys(str(a.infer_workers).split(',')))]
     for v in variants: print('test images', v, flush=True)
     res['project'].update(variants[0]); res['test_variants'] = variants
     for kind in learners:
