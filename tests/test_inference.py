@@ -197,6 +197,17 @@ def test_segment_many_equals_segment(random_model):
     for a, b in zip(one, many): np.testing.assert_array_equal(a, b)
 
 
+def test_bf16_is_opt_in_on_a_cpu_and_close_to_float32():
+    "bfloat16 on a GPU by default, on a CPU when asked; the bundled model's probabilities stay close to float32's."
+    img = fake_image(random_label((128, 128), 8, np.random.default_rng(7)), seed=7)
+    f32, b16 = load_segmenter(device='cpu'), load_segmenter(device='cpu', bf16=True)
+    assert not f32.bf16 and b16.bf16
+    p32, p16 = f32.predict_probs(img), b16.predict_probs(img)
+    assert not np.array_equal(p32, p16)                    # bfloat16 arithmetic did run
+    assert np.abs(p32 - p16).mean() < 1e-3 and np.abs(p32 - p16).max() < 0.05
+    assert abs(int(f32.segment(img).max()) - int(b16.segment(img).max())) <= 1   # the same nuclei, give or take one
+
+
 def test_classical_segmenter_contract():
     lbl = grid_label((96, 128))
     img = fake_image(lbl, 'brightfield', seed=3)
