@@ -205,7 +205,7 @@ class CheckpointCallback(_TrainedEpochs, Callback):
         best = getattr(getattr(self.learn, 'best_model', None), 'best', None)
         if best is not None: best = float(best)  # a NumPy scalar from the metric would not load with weights_only
         state = dict(model=get_model(self.model).state_dict(), opt=self.opt.state_dict(), epoch=self.epoch,
-                     n_epoch=self.n_epoch, best=best)
+                     n_epoch=self.n_epoch, best=best, pretrained=getattr(self.learn, 'nucleus', {}).get('pretrained'))
         atomic_save(state, self.path/self.model_dir/f'{self.fname}.pth')
 
 class HistoryCallback(_TrainedEpochs, Callback):
@@ -456,6 +456,7 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
         state = load_checkpoint(learn, ckpt)
         if state['n_epoch']!=epochs: raise ValueError(f"{ckpt} was written by a run of {state['n_epoch']} epochs, not {epochs}")
         start,best = state['epoch']+1,state['best']
+        learn.nucleus['pretrained'] = state.get('pretrained', learn.nucleus['pretrained'])  # what the run started from
         print(f"Resuming from {ckpt} at epoch {start} of {epochs}")
     elif resume: print(f"No checkpoint at {ckpt}: starting afresh")
     timer,keep = TrainTimer(),BestModelCallback(best=best)

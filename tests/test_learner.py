@@ -311,18 +311,22 @@ def test_resuming_a_finished_run_rewrites_model_file(fake, tmp_path):
     assert same_weights(read_model(run/'model.safetensors')[0], torch.load(run/'models'/'best.pth', weights_only=True))
 
 
-def test_resume_needs_no_imagenet_weights(fake, tmp_path):
-    "A resumed run takes its weights from the checkpoint: it fetches nothing, so an offline resume says nothing of ImageNet."
-    run, hub = tmp_path/'run', tmp_path/'hub'
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')   # the first run's own warning: no weights there either
-        train_nucleus(run, **_tiny(fake, epochs=1), arch='resnet18', weights_url='http://127.0.0.1:1/first.pth', model_dir=hub)
+def test_resume_needs_no_imagenet_weights(fake, serve_folder, tmp_path):
+    """A resumed run takes its weights from the checkpoint: it fetches nothing (offline, it says nothing of ImageNet),
+    and its model file still says the run started from ImageNet weights."""
+    import torchvision
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path/'r18.pth')
+    base, stop = serve_folder(tmp_path)
+    run, kw = tmp_path/'run', dict(arch='resnet18', model_dir=tmp_path/'hub')
+    with pytest.raises(KeyboardInterrupt):
+        train_nucleus(run, **_tiny(fake, epochs=2), weights_url=base+'r18.pth', cbs=KillAfter(0), **kw)
+    stop()
     with warnings.catch_warnings(record=True) as ws:
         warnings.simplefilter('always')
-        learn = train_nucleus(run, **_tiny(fake, epochs=1), arch='resnet18', weights_url='http://127.0.0.1:1/resumed.pth',
-                              model_dir=hub, resume=True)
+        learn = train_nucleus(run, **_tiny(fake, epochs=2), weights_url=base+'gone.pth', resume=True, **kw)
     assert not [w for w in ws if 'ImageNet weights unavailable' in str(w.message)]
-    assert same_weights(learn.model.state_dict(), torch.load(run/'models'/'best.pth', weights_only=True))
+    assert [len(v) > 0 for v in learn.recorder.values] == [False, True]   # epoch 1 trained from the checkpoint
+    assert learn.nucleus['pretrained'] is True and read_model(run/'model.safetensors')[1]['pretrained'] is True
 
 
 def test_resume_continues_schedule_and_optimiser(fake, tmp_path):
