@@ -98,7 +98,7 @@ def test_speed(model, cfg, a, dev, n_workers, probs=False):
         sync(dev); t = time.perf_counter(); segment_folder(seg, test, show_progress=False); sync(dev)
         times.append(time.perf_counter()-t)
     seg.close()
-    imgs, probs_times = [read_image(f) for f in test.image], []   # the network alone: images in memory, no extraction
+    imgs, probs_times = [read_image(f) for f in test.image] if probs else [], []   # the network alone: images in memory, no extraction
     for _ in range(a.repeats if probs else 0):
         sync(dev); t = time.perf_counter(); [seg.predict_probs(im) for im in imgs]; sync(dev)
         probs_times.append(time.perf_counter()-t)

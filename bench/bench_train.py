@@ -62,7 +62,6 @@ def parse(argv=None):
 def main(argv=None):
     a = parse(argv)
     dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
     out = Path(a.out)
     zoom = None if a.zoom == 'none' else tuple(float(o) for o in a.zoom.split(','))
     res = dict(device=device_name(dev), device_type=dev.type, date=time.strftime('%Y-%m-%d %H:%M:%S'), commit=git_commit(),
@@ -79,7 +78,7 @@ def main(argv=None):
     res['train_seconds'], res['train_img_per_s'] = r['train_seconds'], r['train_img_per_s']
     res['reused_run'] = reused
     res['train_and_tune_seconds'] = None if reused else round(total_s, 1)
-    res['peak_gpu_memory_gib'] = r.get('peak_gpu_gib') if reused else round(torch.cuda.max_memory_allocated(dev)/2**30, 2) if dev.type == 'cuda' else None
+    res['peak_gpu_memory_gib'] = r.get('peak_gpu_gib')  # train_nucleus's own figure (None on a CPU, or from a run older than it)
     seg = load_segmenter(out/'model.safetensors', device=dev, bs=a.bs_infer, n_workers=a.workers_infer)
     valid = image_items(out/'valid.csv')
     if a.valid_items: valid = valid.groupby('modality').head(a.valid_items)
