@@ -9,7 +9,8 @@
 # issue asks: results first, notebooks next, speed last.
 # GPU_STEPS picks the steps (default "compact speed"): "train" (the resnet34 recipe, 1 and 2 of issue 11), "notebooks"
 # (4; they need "train" first), "compact" (6: the compact model with a GPU budget; train_gpu_compact.json/.md, its
-# submission and model file come back), "speed" (3; the test images timed with the model trained before it).
+# submission, model file and history come back), "speed" (3; the test images timed with the model trained before it,
+# or GPU_MODEL). GPU_COMPACT_EPOCHS and GPU_COMPACT_LIMIT (seconds from the start) size "compact".
 # All four do not fit one call: "train notebooks" took about 440 s on an H200, "compact speed" is sized for one call.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
@@ -36,10 +37,11 @@ if [[ $STEPS == *" train "* ]]; then
 fi
 if [[ $STEPS == *" compact "* ]]; then
   echo "== 6: the compact model with a GPU budget (crops 256, batch 32, 100 epochs)"
-  if [ -n "${GPU_RUN_QUICK:-}" ]; then COMPACT="--quick"; else COMPACT="--crop 256 --bs 32 --epochs 100 --lr 3e-3"; fi
-  timeout "$(left 360)" python3 bench/bench_train.py --arch compact $COMPACT --out nbs/runs/compact_gpu --results "$OUT/train_gpu_compact" \
-    --submission "$OUT/submission_stage1_gpu_compact.csv" && cp nbs/runs/compact_gpu/model.safetensors "$OUT/compact_gpu.safetensors" \
-    || echo "compact bench_train failed or timed out"
+  if [ -n "${GPU_RUN_QUICK:-}" ]; then COMPACT="--quick"; else COMPACT="--crop 256 --bs 32 --epochs ${GPU_COMPACT_EPOCHS:-100} --lr 3e-3"; fi
+  timeout "$(left ${GPU_COMPACT_LIMIT:-360})" python3 bench/bench_train.py --arch compact $COMPACT --out nbs/runs/compact_gpu \
+    --results "$OUT/train_gpu_compact" --submission "$OUT/submission_stage1_gpu_compact.csv" || echo "compact bench_train failed or timed out"
+  # the model and its history come back even when scoring ran out of time (a later call can score them with --resume)
+  cp nbs/runs/compact_gpu/model.safetensors "$OUT/compact_gpu.safetensors" 2>/dev/null; cp nbs/runs/compact_gpu/history.csv "$OUT/train_gpu_compact_history.csv" 2>/dev/null
   MODEL=nbs/runs/compact_gpu/model.safetensors
 fi
 if [[ $STEPS == *" notebooks "* ]]; then
@@ -49,6 +51,7 @@ if [[ $STEPS == *" notebooks "* ]]; then
   tar czf "$OUT/notebooks.tgz" nbs/05_learner.ipynb nbs/06_inference.ipynb nbs/11_tutorial.ipynb nbs/index.ipynb \
     $(ls nbs/runs/full/history.csv 2>/dev/null) && echo "notebooks.tgz: $(tar tzf "$OUT/notebooks.tgz" | tr '\n' ' ')"
 fi
+MODEL=${GPU_MODEL:-$MODEL}   # GPU_MODEL: a model file carried from an earlier call (for "speed" alone)
 if [[ $STEPS == *" speed "* ]]; then
   echo "== 3: speed, plain fastai recipe vs the project's path (and compiled), and the 65 test images with the trained model"
   timeout "$(left 545)" python3 bench/bench_speed.py $SPEED ${MODEL:+--model $MODEL} --out "$OUT/speed_gpu.json" || echo "bench_speed failed or timed out"
