@@ -7,13 +7,19 @@
     `aug_transforms`, ImageNet `Normalize`), `unet_learner`, the default `DataLoader` (fastai's worker count).
 (b) project: what `train_nucleus` runs: `dsb_dataloaders` (decoded once, crops and flips as one gather on the
     device) and `nucleus_learner` (bf16 and channels-last on CUDA), same encoder, crop and batch size;
-(c) with `--compile`, also (b) with `compile_unet` (`project_compiled`), in the same run.
+(c) with `--compile`, also (b) with `compile_unet` (`project_compiled`), and with `--cudnn-benchmark`, (b) with cuDNN's
+    autotuner on (`project_cudnn`: `torch.backends.cudnn.benchmark`, off by default in torch and fastai), in the same run.
+With `--profile N`, N training batches of (b) run under `torch.profiler`: the operators taking the most device time,
+and the device time by kind of operator (convolutions and matrix products, normalisation, the rest).
+With `--epoch-times`, whole epochs of (b), validation and its DSB score included, with the score computed in the training
+process and in `DSBMetric`'s default worker processes (seconds per epoch, median of the epochs after the first).
 Training images/s are the median of `--repeats` timed runs of `--steps` batches after `--warmup` batches (validation
 skipped: a timed window spans epochs).
 Inference: the stage-1 test images, from files to instance labels, through the `Segmenter` that `predict` and
-`submit` use (`segment_folder`), with the model's TTA; warm-up first, then the median of `--repeats` runs, for each
-number of extraction processes in `--infer-workers`; `--model` times a trained model (a briefly trained one's noisy
-outputs are slower to turn into instances). `probs_seconds`: the network alone on the same images, already read.
+`submit` use (`segment_folder`, the `Segmenter`'s own batch size and extraction processes unless given), with the
+model's TTA; warm-up first, then the median of `--repeats` runs, for each number of extraction processes in
+`--infer-workers`, with the bundled model (or `--model`). `probs_seconds`: the network alone on the same images,
+already read.
 FLOPs per image (training step and forward) come from `torch.utils.flop_counter`; with `--peak-tflops` the training
 rate is also given as a fraction of the device's dense bf16 peak. Results: `bench/results/speed_<device>.json`.
 """
@@ -25,8 +31,8 @@ from fastai.vision.all import (Callback, CancelFitException, CancelValidExceptio
 from torch.utils.flop_counter import FlopCounterMode
 from nucleus_seg.io import read_label, read_image
 from nucleus_seg.data import prepare_dsb, dsb_dataloaders, instance_target, modality_subset, TARGET_CODES
-from nucleus_seg.learner import nucleus_learner, NucleusLoss, encoder_fn, compile_unet, load_model
-from nucleus_seg.inference import Segmenter, segment_folder
+from nucleus_seg.learner import nucleus_learner, NucleusLoss, DSBMetric, encoder_fn, compile_unet, load_model
+from nucleus_seg.inference import Segmenter, segment_folder, DEFAULT_MODEL
 
 def device_tag(dev)->str:
     "The device as results name it: the GPU's name, or `cpu-<N>core`"
@@ -63,6 +69,8 @@ def plain_dls(df, a, dev):
 
 def train_speed(kind, a, dev, df):
     "Training images/s (median of the timed runs) and peak GPU memory"
+    bench0 = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = kind == 'project_cudnn' or bench0
     if kind == 'plain':
         dls = plain_dls(df, a, dev)
         learn = unet_learner(dls, encoder_fn(a.arch), pretrained=False, n_out=3, loss_func=CrossEntropyLossFlat(axis=1))
@@ -76,7 +84,59 @@ def train_speed(kind, a, dev, df):
     cb = Throughput(warmup, a.steps, a.repeats)
     with learn.no_bar(), learn.no_logging(): learn.fit(10**6, 1e-3, cbs=cb)
     mem = torch.cuda.max_memory_allocated()/2**30 if torch.device(dev).type == 'cuda' else None
+    torch.backends.cudnn.benchmark = bench0
     return dict(train_images_per_s=float(np.median(cb.rates)), runs=[round(r, 2) for r in cb.rates], peak_train_mem_gib=mem), learn
+
+class Profile(Callback):
+    "Run `steps` training batches after `warmup` ones under `torch.profiler`, then stop"
+    order = 99
+    def __init__(self, warmup, steps): self.warmup,self.steps,self.prof = warmup,steps,None
+    def before_fit(self): self.i = 0
+    def before_validate(self): raise CancelValidException()
+    def before_batch(self):
+        if self.training and self.i == self.warmup:
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = torch.profiler.profile(activities=acts); self.prof.__enter__()
+    def after_batch(self):
+        if not self.training: return
+        self.i += 1
+        if self.i == self.warmup+self.steps: sync(self.dls.device); self.prof.__exit__(None, None, None); raise CancelFitException()
+
+KINDS = {'conv/matmul': ('conv', 'cudnn', 'gemm', 'mm', 'xmma', 'wgrad', 'dgrad', 'fprop'), 'normalisation': ('norm',)}
+
+def profile(a, dev):
+    "Device time of `a.profile` training batches of the project path, by operator and by kind of operator"
+    dls = dsb_dataloaders(n_items=a.n_items, bs=a.bs, crop=a.crop, device=dev)
+    learn = nucleus_learner(dls, a.arch, pretrained=False, metrics=[])
+    cb = Profile(a.warmup, a.profile)
+    with learn.no_bar(), learn.no_logging(): learn.fit(10**6, 1e-3, cbs=cb)
+    cuda = torch.device(dev).type == 'cuda'
+    ev = cb.prof.key_averages()
+    def t(e): return getattr(e, 'self_device_time_total', getattr(e, 'self_cuda_time_total', 0)) if cuda else e.self_cpu_time_total
+    total = sum(t(e) for e in ev) or 1
+    kinds = {k: 0.0 for k in [*KINDS, 'other']}
+    for e in ev: kinds[next((k for k, pats in KINDS.items() if any(q in e.key.lower() for q in pats)), 'other')] += t(e)
+    top = sorted(ev, key=t, reverse=True)[:20]
+    return dict(steps=a.profile, device_ms_per_step=total/1e3/a.profile, fraction_by_kind={k: round(v/total, 3) for k, v in kinds.items()},
+                top=[dict(op=e.key[:120], ms_per_step=round(t(e)/1e3/a.profile, 3), fraction=round(t(e)/total, 3), calls=e.count) for e in top])
+
+class EpochTimer(Callback):
+    "Wall seconds of every epoch, validation included"
+    order = 100
+    def before_fit(self): self.times = []
+    def before_epoch(self): self.t0 = time.perf_counter()
+    def after_epoch(self): self.times.append(time.perf_counter()-self.t0)
+
+def epoch_seconds(a, dev, n_workers, epochs=4):
+    "Median seconds per epoch (after the first) of the project path with `DSBMetric(n_workers=n_workers)`"
+    dls = dsb_dataloaders(n_items=a.n_items, bs=a.bs, crop=a.crop, device=dev)
+    metric = DSBMetric(n_workers=n_workers)
+    learn = nucleus_learner(dls, a.arch, pretrained=False, metrics=[metric])
+    cb = EpochTimer()
+    with learn.no_bar(), learn.no_logging(): learn.fit(epochs, 1e-3, cbs=cb)
+    if getattr(metric, 'pool', None) is not None: metric.pool.shutdown(wait=False)
+    pool = getattr(metric, 'pool', None)
+    return dict(metric_workers='default' if n_workers is None else n_workers, scoring_processes=pool._max_workers if pool else 0, epoch_seconds=round(float(np.median(cb.times[1:])), 3), epochs=[round(t, 3) for t in cb.times])
 
 def flops(model, a, dev):
     "FLOPs of one training step (forward+backward) and one forward, per image at the training crop"
@@ -91,6 +151,7 @@ def flops(model, a, dev):
 def test_speed(model, cfg, a, dev, n_workers, probs=False):
     "Seconds for the stage-1 test images, files to instance labels, through `Segmenter` (median of the runs)"
     seg = Segmenter(model, cfg, device=dev, bs=a.infer_bs, n_workers=n_workers, **({} if a.tta == 'model' else dict(tta=a.tta == 'on')))
+    default = n_workers is None
     test = prepare_dsb(split='test', progress=False).iloc[:a.test_images]
     segment_folder(seg, test, show_progress=False)  # warm-up: cuDNN autotuning, allocator, extraction processes
     times = []
@@ -103,7 +164,8 @@ def test_speed(model, cfg, a, dev, n_workers, probs=False):
         sync(dev); t = time.perf_counter(); [seg.predict_probs(im) for im in imgs]; sync(dev)
         probs_times.append(time.perf_counter()-t)
     return dict(n_test_images=len(test), test_seconds=round(float(np.median(times)), 3), test_runs=[round(t, 3) for t in times],
-                probs_seconds=round(float(np.median(probs_times)), 3) if probs else None, tta=seg.tta, infer_bs=a.infer_bs, infer_workers=n_workers)
+                probs_seconds=round(float(np.median(probs_times)), 3) if probs else None, tta=seg.tta, infer_bs=seg.bs, infer_workers=seg.n_workers,
+                segmenter_defaults=default)
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -112,36 +174,46 @@ def main(argv=None):
     ap.add_argument('--arch', default='resnet34'); ap.add_argument('--bs', type=int, default=32); ap.add_argument('--crop', type=int, default=256)
     ap.add_argument('--n-items', type=int, default=None, help='training images (default: all 664)')
     ap.add_argument('--warmup', type=int, default=10); ap.add_argument('--steps', type=int, default=20); ap.add_argument('--repeats', type=int, default=3)
-    ap.add_argument('--test-images', type=int, default=65); ap.add_argument('--infer-bs', type=int, default=16)
-    ap.add_argument('--infer-workers', default=f'0,{min(8, os.cpu_count())},{os.cpu_count()}',
-                    help='instance extraction processes, a comma-separated list of variants to time (the first is the one reported)')
-    ap.add_argument('--model', default=None, help='model file for the test images (default: the project model as briefly trained here, '
-                                                  'whose noisy outputs make instance extraction slower than a trained model\'s)')
-    ap.add_argument('--compile', action='store_true', help='also time the project path with compile_unet (a third variant)')
+    ap.add_argument('--test-images', type=int, default=65)
+    ap.add_argument('--infer-bs', type=int, default=None, help="images per batch (default: the Segmenter's, 16 on a GPU)")
+    ap.add_argument('--infer-workers', default=f'default,0,{os.cpu_count()}',
+                    help="instance extraction processes, a comma-separated list of variants to time, 'default' for the Segmenter's "
+                         "(what predict and submit use); the first is the one reported")
+    ap.add_argument('--model', default=None, help="model file for the test images (default: the bundled model, what predict and submit use; "
+                                                  "'trained' for the project model as briefly trained here, whose noisy outputs are slower to extract)")
+    ap.add_argument('--compile', action='store_true', help='also time the project path with compile_unet (a variant)')
+    ap.add_argument('--cudnn-benchmark', action='store_true', help="also time the project path with cuDNN's autotuner on (a variant)")
+    ap.add_argument('--profile', type=int, default=0, help='profile this many training batches of the project path')
+    ap.add_argument('--epoch-times', action='store_true', help="time whole epochs with the DSB score in this process and in DSBMetric's workers")
     ap.add_argument('--tta', choices=['model', 'on', 'off'], default='model', help="test-time flips for the test images (default: the model's)")
     ap.add_argument('--peak-tflops', type=float, default=None, help="device's dense bf16 peak (H100 SXM: 989)")
     ap.add_argument('--out', default=None, help='JSON file (default bench/results/speed_<device>.json)')
     a = ap.parse_args(argv)
     if a.quick:
         a.arch, a.bs, a.crop, a.n_items, a.warmup, a.steps, a.repeats = 'compact', 4, 64, a.n_items or 16, 1, 2, 2
-        a.test_images, a.infer_bs, a.infer_workers = min(a.test_images, 4), 4, '0,2'
+        a.test_images, a.infer_bs, a.infer_workers = min(a.test_images, 4), 4, 'default,2'
     dev = a.device
     if torch.device(dev).type == 'cpu' and os.cpu_count() <= 4: torch.set_num_threads(os.cpu_count())
     name = device_tag(dev)
     res = dict(device=name, torch=torch.__version__, date=time.strftime('%Y-%m-%d %H:%M'), args=vars(a))
     df = prepare_dsb(progress=False)
     if a.n_items: df = modality_subset(df, a.n_items)
-    learners, kinds = {}, ('plain', 'project') + (('project_compiled',) if a.compile else ())
+    learners, kinds = {}, ('plain', 'project') + (('project_cudnn',) if a.cudnn_benchmark else ()) + (('project_compiled',) if a.compile else ())
     for kind in kinds:
         try: res[kind], learners[kind] = train_speed(kind, a, dev, df)
         except Exception as e:
-            if kind != 'project_compiled': raise
+            if kind in ('plain', 'project'): raise
             res[kind] = dict(error=f'{type(e).__name__}: {e}'[:500])   # a compile failure leaves the other figures standing
         print(kind, res[kind], flush=True)
     res.update(flops(learners['project'].model, a, dev))
-    model, cfg = load_model(a.model) if a.model else (learners['project'].model, learners['project'].nucleus)
-    res['test_model'] = str(a.model or 'the project model after the timed batches')
-    variants = [test_speed(model, cfg, a, dev, int(w), probs=i == 0) for i, w in enumerate(dict.fromkeys(str(a.infer_workers).split(',')))]
+    if a.profile: res['profile'] = profile(a, dev); print('profile', json.dumps(res['profile'], indent=1), flush=True)
+    if a.epoch_times:
+        res['epoch_times'] = [epoch_seconds(a, dev, w) for w in (0, None)]
+        print('epoch times', res['epoch_times'], flush=True)
+    model, cfg = (learners['project'].model, learners['project'].nucleus) if a.model == 'trained' else load_model(a.model or DEFAULT_MODEL)
+    res['test_model'] = 'the project model after the timed batches' if a.model == 'trained' else str(a.model or 'the bundled model')
+    variants = [test_speed(model, cfg, a, dev, None if w == 'default' else int(w), probs=i == 0)
+                for i, w in enumerate(dict.fromkeys(str(a.infer_workers).split(',')))]
     for v in variants: print('test images', v, flush=True)
     res['project'].update(variants[0]); res['test_variants'] = variants
     for kind in learners:
@@ -149,7 +221,8 @@ def main(argv=None):
         res[kind]['train_tflops'] = achieved/1e12
         res[kind]['fraction_of_bf16_peak'] = achieved/(a.peak_tflops*1e12) if a.peak_tflops else None
     res['ratio'] = res['project']['train_images_per_s']/res['plain']['train_images_per_s']
-    if 'project_compiled' in learners: res['ratio_compiled'] = res['project_compiled']['train_images_per_s']/res['plain']['train_images_per_s']
+    for kind in learners:
+        if kind.startswith('project_'): res[f"ratio_{kind[len('project_'):]}"] = res[kind]['train_images_per_s']/res['plain']['train_images_per_s']
     res['test65_seconds'] = res['project']['test_seconds'] if res['project']['n_test_images'] == 65 else None
     out = Path(a.out or Path(__file__).parent/'results'/f"speed_{name.replace(' ', '_')}{'_quick' if a.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ class SegmenterPlugin(WorkerPlugin):
         else:
             fn = Path(worker.local_directory)/f'{self.name}.safetensors'
             fn.write_bytes(self.blob)
-            try: self.seg = load_segmenter(fn, **self.kwargs)
+            try: self.seg = load_segmenter(fn, **{'n_workers': 0, **self.kwargs})  # the worker is the process: no pool inside it
             finally: fn.unlink(missing_ok=True)
         self.load_s = time.perf_counter()-t0
 

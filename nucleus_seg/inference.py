@@ -36,25 +36,27 @@ class Segmenter:
                  tta:bool=None, # average the predictions of the four flips (default: the model's)
                  tile:int=1024, # images with a side longer than this are predicted in overlapping tiles
                  overlap:int=64, # tile overlap in pixels
-                 bs:int=4, # same-size images predicted together by `segment_many`
+                 bs:int=None, # same-size images predicted together by `segment_many` (default: 16 on a GPU, 4 on the CPU)
                  batch_px:int=None, # most pixels in one forward pass (flips and images split to fit); default 1 Mpx on the CPU, 16 Mpx on a GPU
                  max_pixels:int=MAX_PIXELS, # images larger than this are segmented in overlapping windows
                  window:int=2048, # window side for those (`segment_windows`)
                  device=None, # torch device; the GPU when present, else the CPU
                  compile=False, # `torch.compile` the network (True, or a backend name)
-                 n_workers:int=0, # processes for instance extraction in `segment_many` (0: in this process)
+                 n_workers:int=None, # processes for instance extraction in `segment_many` (0: in this process; default: up to 8 on a GPU, 0 on the CPU)
                  bf16:bool=None, # predict in bfloat16 (default: on a GPU; on a CPU with native bfloat16, such as AMX, it is faster too)
                  name:str=None, # how the segmenter is named in messages and pages
                  **post # `probs_to_instances` arguments overriding the model's thresholds
                 ):
         if not 0 <= overlap < tile: raise ValueError(f"overlap ({overlap}) must be at least 0 and less than tile ({tile})")
-        store_attr('config,tile,overlap,bs,max_pixels,window,n_workers')
+        store_attr('config,tile,overlap,max_pixels,window')
         self.tta = ifnone(tta, config.get('tta', True))
         self.post = {**config.get('postprocess', {}), **post}
         self.device = torch.device(ifnone(device, 'cuda' if torch.cuda.is_available() else 'cpu'))
         self.cuda = self.device.type=='cuda'
         self.bf16 = ifnone(bf16, self.cuda)
         self.batch_px = batch_px or (2**24 if self.cuda else 2**20)
+        self.bs = ifnone(bs, 16 if self.cuda else 4)
+        self.n_workers = ifnone(n_workers, min(8, os.cpu_count()) if self.cuda else 0)  # a GPU outpaces extraction in one process
         self.mode = config['input']['mode']
         self.mean,self.std = [torch.tensor(config['input'][k]).float().view(1,-1,1,1).to(self.device) for k in ('mean','std')]
         self.model = model.eval().to(self.device)
@@ -423,7 +425,7 @@ def tune_thresholds(probs:list, # (C,H,W) probabilities of each validation image
                     start:dict=None, # where the search starts (default: `probs_to_instances`' defaults)
                     grid:dict=None, # parameter -> values to try (default: `TUNE_GRID`)
                     rounds:int=2, # passes over the parameters
-                    also:list=(), # more settings to score and list in the table (e.g. the defaults, for comparison)
+                    also:list=(), # more settings to score and list in the table (e.g. the defaults); one that beats the search wins
                     n_workers:int=None, # scoring processes (default: the CPU count; 0: this process)
                     show_progress:bool=True, # progress bar, or plain lines in logs
                    )->tuple: # (best settings, table of every setting tried with its mean DSB score)
@@ -444,7 +446,8 @@ def tune_thresholds(probs:list, # (C,H,W) probabilities of each validation image
         for r,k in progress(steps, desc='tuning', show=show_progress):
             settings = [{**best, k: v} for v in dict.fromkeys([*([best[k]] if k in best else []), *grid[k]])]  # never worse than now
             best = settings[int(np.argmax(evaluate(settings)))]
-        evaluate([best, *also])
+        cands = [best, *also]
+        best = cands[int(np.argmax(evaluate(cands)))]  # the search's best, unless a setting compared (the defaults) beats it
     finally:
         if pool is not None: pool.shutdown()
     table = pd.DataFrame([dict(s) | dict(dsb=v) for s,v in tried.items()]).sort_values('dsb', ascending=False)

@@ -25,7 +25,7 @@ import nucleus_seg
 from .io import atomic_write, interactive
 from .data import dsb_dataloaders, TARGET_CODES
 from .instances import probs_to_instances, target_to_instances
-from .metrics import dsb_score
+from .metrics import dsb_score, crop_score
 
 # %% ../nbs/05_learner.ipynb #dc495e0e
 class NucleusLoss(nn.Module):
@@ -51,20 +51,35 @@ class NucleusLoss(nn.Module):
 
 # %% ../nbs/05_learner.ipynb #aa6f797a
 class DSBMetric(Metric):
-    "Mean DSB score of the validation crops: `probs_to_instances` of the softmax against `target_to_instances`"
-    def __init__(self, method='auto', min_size=15, **kwargs):
-        self.method,self.min_size,self.kwargs = method,min_size,kwargs
-    def reset(self): self.scores = []
+    "Mean DSB score of the validation crops (`crop_score`), scored in worker processes when training on a GPU"
+    def __init__(self, method='auto', min_size=15,
+                 n_workers:int=None, # scoring processes (default: up to 8 when the learner is on a GPU, else 0: in this process)
+                 **kwargs):
+        self.method,self.min_size,self.n_workers,self.kwargs = method,min_size,n_workers,kwargs
+    def reset(self): self.scores,self.jobs = [],[]
+    def _pool(self, learn):
+        "The scoring processes, started on first use (None: score here)"
+        cuda = torch.device(ifnone(nested_attr(learn, 'dls.device', None), 'cpu')).type=='cuda'
+        n = ifnone(self.n_workers, min(8, os.cpu_count()) if cuda else 0)
+        p = getattr(self, 'pool', None)
+        if n and (p is None or p._broken):
+            from nucleus_seg.inference import instance_pool
+            p = self.pool = instance_pool(n)
+        return p if n else None
     def accumulate(self, learn):
         probs = learn.pred.float().softmax(1).detach().cpu().numpy()
+        pool,kw = self._pool(learn),dict(method=self.method, min_size=self.min_size, **self.kwargs)
         for p,t in zip(probs, learn.y.detach().cpu().numpy()):
-            true = target_to_instances(t, min_size=self.min_size)
-            if true.max()==0: continue
-            self.scores.append(dsb_score(true, probs_to_instances(p, method=self.method, min_size=self.min_size, **self.kwargs)))
+            if pool: self.jobs.append(pool.submit(crop_score, p, t, **kw))
+            else: self.scores.append(crop_score(p, t, **kw))
     @property
-    def value(self): return float(np.mean(self.scores)) if self.scores else float('nan')
+    def value(self):
+        self.scores += [j.result() for j in self.jobs]; self.jobs = []
+        scores = [s for s in self.scores if s is not None]
+        return float(np.mean(scores)) if scores else float('nan')
     @property
     def name(self): return 'dsb'
+    def __getstate__(self): return {k:v for k,v in self.__dict__.items() if k not in ('pool','jobs')}  # processes stay behind
 
 # %% ../nbs/05_learner.ipynb #2d643005
 ARCHS = {'compact': ('xresnet18', {'widen': 0.25}), 'xresnet18': ('xresnet18', {}), 'xresnet34': ('xresnet34', {}),

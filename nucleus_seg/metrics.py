@@ -6,13 +6,13 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/metrics.html.md"""
 
 # %% auto #0
 __all__ = ['THRESHOLDS', 'iou_pairs', 'iou_matrix', 'threshold_scores', 'dsb_score', 'matching_stats', 'match_instances',
-           'image_report', 'image_scores', 'dataset_score', 'settings_scores']
+           'image_report', 'image_scores', 'dataset_score', 'settings_scores', 'crop_score']
 
 # %% ../nbs/03_metrics.ipynb #f743c047
 import numpy as np
 from pathlib import Path
 from .io import read_label
-from .instances import probs_to_instances
+from .instances import probs_to_instances, target_to_instances
 
 # %% ../nbs/03_metrics.ipynb #b38d21ea
 THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
@@ -183,3 +183,14 @@ def settings_scores(probs, # (C,H,W) network probabilities of one image
     "DSB score of the instances `probs_to_instances` extracts from `probs` under each of `settings`."
     probs = np.asarray(probs, np.float32)
     return [dsb_score(y_true, probs_to_instances(probs, **s)) for s in settings]
+
+# %% ../nbs/03_metrics.ipynb #6a077f10
+def crop_score(probs, # (C,H,W) network probabilities of one crop
+               target, # its classes3 target (0 background, 1 interior, 2 boundary)
+               min_size:int=15, # nuclei under this many pixels are dropped on both sides
+               **kwargs # `probs_to_instances` arguments (`method`, thresholds)
+              )->float|None:
+    "DSB score of the crop's extracted nuclei against those of its target; None when the target holds no nucleus"
+    true = target_to_instances(target, min_size=min_size)
+    if true.max()==0: return None
+    return dsb_score(true, probs_to_instances(np.asarray(probs, np.float32), min_size=min_size, **kwargs))

@@ -372,6 +372,18 @@ def test_tune_thresholds_finds_the_working_setting():
     assert table.dsb.iloc[0] == 1.0 and table.set_index('interior_thresh').dsb[0.7] <= 0.05 + 1e-12
 
 
+def test_tune_thresholds_keeps_a_compared_setting_that_beats_the_search():
+    """The search moves the parameters of its grid only: from an interior threshold that finds no markers, a grid over
+    `min_size` cannot recover; the defaults passed in `also` score 1 and must be the result."""
+    truths = [touching_pairs(seed=s) for s in range(2)]
+    probs = [_soft_probs(t) for t in truths]
+    start = dict(fg_thresh=0.5, interior_thresh=0.7, min_size=15, fill_holes=True)
+    good = {**start, 'interior_thresh': 0.5}
+    best, table = tune_thresholds(probs, truths, start=start, grid=dict(min_size=[10, 15]), also=[good], n_workers=0, show_progress=False)
+    assert best == good and table.dsb.iloc[0] == 1.0
+    assert tune_thresholds(probs, truths, start=start, grid=dict(min_size=[10, 15]), n_workers=0, show_progress=False)[0]['interior_thresh'] == 0.7
+
+
 def test_tune_model_writes_thresholds_and_scores(tiny_run, fake, tmp_path, monkeypatch):
     monkeypatch.setenv('NUCLEUS_SEG_DATA', str(fake.path)); monkeypatch.setenv('NUCLEUS_SEG_CACHE', str(fake.cache))
     _, run = tiny_run
