@@ -143,16 +143,17 @@ def test_tiles_match_whole_image_away_from_seams(shape, tile, overlap):
 
 
 def test_tiled_unet_seams_within_tolerance():
-    """A trained U-Net sees far beyond a 96-pixel tile, so tiles change its output a little everywhere. With the bundled
-    model (deterministic, unlike a freshly trained tiny one) on a brightness ramp, tiles of 96 overlapping by 32, the
+    """A trained U-Net sees far beyond a 128-pixel tile, so tiles change its output a little everywhere. With the bundled
+    model (deterministic, unlike a freshly trained tiny one) on a brightness ramp, tiles of 128 overlapping by 48, the
     stated tolerances: away from the seams (16+ px from a tile edge) mean |tiled - whole| < 0.002 and its 99th
     percentile < 0.03; over the seam bands the mean < 0.01; the nuclei agree (DSB of one against the other > 0.95).
-    Measured when written (torch 2.14 CPU): 0.0005, 0.010, 0.002 and 1.0. Tiles normalised with their own statistics
-    give 0.006 and 0.18 on the first two."""
+    Measured with the bundled model trained on 256-pixel crops (torch 2.14 CPU): 0.0009, 0.020, 0.0036 and 0.984;
+    tiles normalised with their own statistics give 0.0041 and 0.13 on the first two. This model uses more context
+    than its predecessor (trained on 128-pixel crops): 96-pixel tiles move its 99th percentile to 0.037 (0.010 before)."""
     seg = load_segmenter()
     img, _ = ramp_image((192, 288), 60, seed=0)
     whole = Segmenter(seg.model, seg.config, tta=False, device='cpu')
-    tiled = Segmenter(seg.model, seg.config, tta=False, tile=96, overlap=32, device='cpu')
+    tiled = Segmenter(seg.model, seg.config, tta=False, tile=128, overlap=48, device='cpu')
     a, b = whole.predict_probs(img), tiled.predict_probs(img)
     d, dist = np.abs(a - b).max(0), seam_distance(tiled, *img.shape[:2])
     far = d[dist >= 16]
