@@ -41,12 +41,15 @@ def device_tag(dev)->str:
 def sync(dev):
     if torch.device(dev).type == 'cuda': torch.cuda.synchronize()
 
-class Throughput(Callback):
-    "Time `steps` training batches after `warmup` ones, `repeats` times; then stop."
+class TrainingBatches(Callback):
+    "Training batches alone: validation skipped (timed windows span epochs)"
     order = 99
+    def before_validate(self): raise CancelValidException()
+
+class Throughput(TrainingBatches):
+    "Time `steps` training batches after `warmup` ones, `repeats` times; then stop."
     def __init__(self, warmup, steps, repeats): self.warmup,self.steps,self.repeats = warmup,steps,repeats
     def before_fit(self): self.i,self.rates,self.t0 = 0,[],None
-    def before_validate(self): raise CancelValidException()  # timed windows span epochs: training batches alone count
     def after_batch(self):
         if not self.training: return
         self.i += 1
@@ -67,6 +70,11 @@ def plain_dls(df, a, dev):
                    item_tfms=RandomCrop(a.crop), batch_tfms=[*aug_transforms(), Normalize.from_stats(*imagenet_stats)])
     return db.dataloaders(df, bs=a.bs, device=dev)
 
+def project_learner(a, dev, metrics=()):
+    "What `train_nucleus` builds: `dsb_dataloaders` and `nucleus_learner` at the benchmark's encoder, crop and batch size"
+    dls = dsb_dataloaders(n_items=a.n_items, bs=a.bs, crop=a.crop, device=dev)
+    return nucleus_learner(dls, a.arch, pretrained=False, metrics=list(metrics))
+
 def train_speed(kind, a, dev, df):
     "Training images/s (median of the timed runs) and peak GPU memory"
     bench0 = torch.backends.cudnn.benchmark
@@ -76,8 +84,7 @@ def train_speed(kind, a, dev, df):
         learn = unet_learner(dls, encoder_fn(a.arch), pretrained=False, n_out=3, loss_func=CrossEntropyLossFlat(axis=1))
         if torch.device(dev).type == 'cuda': learn.to_bf16()
     else:
-        dls = dsb_dataloaders(n_items=a.n_items, bs=a.bs, crop=a.crop, device=dev)
-        learn = nucleus_learner(dls, a.arch, pretrained=False, metrics=[])
+        learn = project_learner(a, dev)
         if kind == 'project_compiled': compile_unet(learn.model)
     if torch.device(dev).type == 'cuda': torch.cuda.reset_peak_memory_stats()
     warmup = max(a.warmup, len(learn.dls.train)+2) if kind == 'project_compiled' else a.warmup  # compiled for both batch shapes first
@@ -87,12 +94,10 @@ def train_speed(kind, a, dev, df):
     torch.backends.cudnn.benchmark = bench0
     return dict(train_images_per_s=float(np.median(cb.rates)), runs=[round(r, 2) for r in cb.rates], peak_train_mem_gib=mem), learn
 
-class Profile(Callback):
+class Profile(TrainingBatches):
     "Run `steps` training batches after `warmup` ones under `torch.profiler`, then stop"
-    order = 99
     def __init__(self, warmup, steps): self.warmup,self.steps,self.prof = warmup,steps,None
     def before_fit(self): self.i = 0
-    def before_validate(self): raise CancelValidException()
     def before_batch(self):
         if self.training and self.i == self.warmup:
             acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -106,8 +111,7 @@ KINDS = {'conv/matmul': ('conv', 'cudnn', 'gemm', 'mm', 'xmma', 'wgrad', 'dgrad'
 
 def profile(a, dev):
     "Device time of `a.profile` training batches of the project path, by operator and by kind of operator"
-    dls = dsb_dataloaders(n_items=a.n_items, bs=a.bs, crop=a.crop, device=dev)
-    learn = nucleus_learner(dls, a.arch, pretrained=False, metrics=[])
+    learn = project_learner(a, dev)
     cb = Profile(a.warmup, a.profile)
     with learn.no_bar(), learn.no_logging(): learn.fit(10**6, 1e-3, cbs=cb)
     cuda = torch.device(dev).type == 'cuda'
@@ -129,13 +133,12 @@ class EpochTimer(Callback):
 
 def epoch_seconds(a, dev, n_workers, epochs=4):
     "Median seconds per epoch (after the first) of the project path with `DSBMetric(n_workers=n_workers)`"
-    dls = dsb_dataloaders(n_items=a.n_items, bs=a.bs, crop=a.crop, device=dev)
     metric = DSBMetric(n_workers=n_workers)
-    learn = nucleus_learner(dls, a.arch, pretrained=False, metrics=[metric])
+    learn = project_learner(a, dev, [metric])
     cb = EpochTimer()
     with learn.no_bar(), learn.no_logging(): learn.fit(epochs, 1e-3, cbs=cb)
-    if getattr(metric, 'pool', None) is not None: metric.pool.shutdown(wait=False)
     pool = getattr(metric, 'pool', None)
+    if pool: pool.shutdown(wait=False)
     return dict(metric_workers='default' if n_workers is None else n_workers, scoring_processes=pool._max_workers if pool else 0, epoch_seconds=round(float(np.median(cb.times[1:])), 3), epochs=[round(t, 3) for t in cb.times])
 
 def flops(model, a, dev):
@@ -151,7 +154,6 @@ def flops(model, a, dev):
 def test_speed(model, cfg, a, dev, n_workers, probs=False):
     "Seconds for the stage-1 test images, files to instance labels, through `Segmenter` (median of the runs)"
     seg = Segmenter(model, cfg, device=dev, bs=a.infer_bs, n_workers=n_workers, **({} if a.tta == 'model' else dict(tta=a.tta == 'on')))
-    default = n_workers is None
     test = prepare_dsb(split='test', progress=False).iloc[:a.test_images]
     segment_folder(seg, test, show_progress=False)  # warm-up: cuDNN autotuning, allocator, extraction processes
     times = []
@@ -165,7 +167,7 @@ def test_speed(model, cfg, a, dev, n_workers, probs=False):
         probs_times.append(time.perf_counter()-t)
     return dict(n_test_images=len(test), test_seconds=round(float(np.median(times)), 3), test_runs=[round(t, 3) for t in times],
                 probs_seconds=round(float(np.median(probs_times)), 3) if probs else None, tta=seg.tta, infer_bs=seg.bs, infer_workers=seg.n_workers,
-                segmenter_defaults=default)
+                segmenter_defaults=n_workers is None)
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

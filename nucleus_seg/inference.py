@@ -23,7 +23,7 @@ from .data import merge_masks, prepare_dsb
 from .instances import probs_to_instances, outline_overlay
 from .metrics import image_report, dsb_score, settings_scores
 from .rle import write_submission, read_solution
-from .learner import load_model, update_model, compile_unet
+from .learner import load_model, update_model, compile_unet, cpu_workers
 
 # %% ../nbs/06_inference.ipynb #e8f7bf9c
 DEFAULT_MODEL = Path(nucleus_seg.__file__).parent/'models'/'default.safetensors'
@@ -56,7 +56,7 @@ class Segmenter:
         self.bf16 = ifnone(bf16, self.cuda)
         self.batch_px = batch_px or (2**24 if self.cuda else 2**20)
         self.bs = ifnone(bs, 16 if self.cuda else 4)
-        self.n_workers = ifnone(n_workers, min(8, os.cpu_count()) if self.cuda else 0)  # a GPU outpaces extraction in one process
+        self.n_workers = cpu_workers(self.device, n_workers)  # a GPU outpaces extraction in one process
         self.mode = config['input']['mode']
         self.mean,self.std = [torch.tensor(config['input'][k]).float().view(1,-1,1,1).to(self.device) for k in ('mean','std')]
         self.model = model.eval().to(self.device)
