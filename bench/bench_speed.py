@@ -7,8 +7,11 @@
     `aug_transforms`, ImageNet `Normalize`), `unet_learner`, the default `DataLoader` (fastai's worker count).
 (b) project: what `train_nucleus` runs: `dsb_dataloaders` (decoded once, crops and flips as one gather on the
     device) and `nucleus_learner` (bf16 and channels-last on CUDA), same encoder, crop and batch size;
-(c) with `--compile`, also (b) with `compile_unet` (`project_compiled`), and with `--cudnn-benchmark`, (b) with cuDNN's
-    autotuner on (`project_cudnn`: `torch.backends.cudnn.benchmark`, off by default in torch and fastai), in the same run.
+(c) with `--compile`, also (b) with `compile_unet` (`project_compiled`), with `--cudnn-benchmark`, (b) with cuDNN's
+    autotuner on (`project_cudnn`: `torch.backends.cudnn.benchmark`, off by default in torch and fastai), and with
+    `--adam`, (b) with fastai's `Adam` in place of `fused_adamw` (`project_adam`), in the same run.
+With `--count-ops`, the tensor operations dispatched per training batch of (a) and (b), by phase (data, forward, loss,
+backward, optimiser step, zeroing and callbacks): each costs host time, whatever the device.
 With `--profile N`, N training batches of (b) run under `torch.profiler`: the operators taking the most device time,
 and the device time by kind of operator (convolutions and matrix products, normalisation, the rest).
 With `--epoch-times`, whole epochs of (b), validation and its DSB score included, with the score computed in the training
@@ -32,6 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from nucleus_seg.io import read_label, read_image
 from nucleus_seg.data import prepare_dsb, dsb_dataloaders, instance_target, modality_subset, TARGET_CODES
 from nucleus_seg.learner import nucleus_learner, NucleusLoss, DSBMetric, encoder_fn, compile_unet, load_model
+from fastai.optimizer import Adam
+from torch.utils._python_dispatch import TorchDispatchMode
 from nucleus_seg.inference import Segmenter, segment_folder, DEFAULT_MODEL
 
 def device_tag(dev)->str:
@@ -70,21 +75,23 @@ def plain_dls(df, a, dev):
                    item_tfms=RandomCrop(a.crop), batch_tfms=[*aug_transforms(), Normalize.from_stats(*imagenet_stats)])
     return db.dataloaders(df, bs=a.bs, device=dev)
 
-def project_learner(a, dev, metrics=()):
+def project_learner(a, dev, metrics=(), **kwargs):
     "What `train_nucleus` builds: `dsb_dataloaders` and `nucleus_learner` at the benchmark's encoder, crop and batch size"
     dls = dsb_dataloaders(n_items=a.n_items, bs=a.bs, crop=a.crop, device=dev)
-    return nucleus_learner(dls, a.arch, pretrained=False, metrics=list(metrics))
+    return nucleus_learner(dls, a.arch, pretrained=False, metrics=list(metrics), **kwargs)
+
+def plain_learner(a, dev, df):
+    "The plain recipe's learner: `plain_dls`, `unet_learner` (fastai's `Adam`), bf16 on CUDA"
+    learn = unet_learner(plain_dls(df, a, dev), encoder_fn(a.arch), pretrained=False, n_out=3, loss_func=CrossEntropyLossFlat(axis=1))
+    return learn.to_bf16() if torch.device(dev).type == 'cuda' else learn
 
 def train_speed(kind, a, dev, df):
     "Training images/s (median of the timed runs) and peak GPU memory"
     bench0 = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = kind == 'project_cudnn' or bench0
-    if kind == 'plain':
-        dls = plain_dls(df, a, dev)
-        learn = unet_learner(dls, encoder_fn(a.arch), pretrained=False, n_out=3, loss_func=CrossEntropyLossFlat(axis=1))
-        if torch.device(dev).type == 'cuda': learn.to_bf16()
+    if kind == 'plain': learn = plain_learner(a, dev, df)
     else:
-        learn = project_learner(a, dev)
+        learn = project_learner(a, dev, **(dict(opt_func=Adam) if kind == 'project_adam' else {}))
         if kind == 'project_compiled': compile_unet(learn.model)
     if torch.device(dev).type == 'cuda': torch.cuda.reset_peak_memory_stats()
     warmup = max(a.warmup, len(learn.dls.train)+2) if kind == 'project_compiled' else a.warmup  # compiled for both batch shapes first
@@ -123,6 +130,42 @@ def profile(a, dev):
     top = sorted(ev, key=t, reverse=True)[:20]
     return dict(steps=a.profile, device_ms_per_step=total/1e3/a.profile, fraction_by_kind={k: round(v/total, 3) for k, v in kinds.items()},
                 top=[dict(op=e.key[:120], ms_per_step=round(t(e)/1e3/a.profile, 3), fraction=round(t(e)/total, 3), calls=e.count) for e in top])
+
+class _Count(TorchDispatchMode):
+    "Count the tensor operations dispatched while active"
+    n = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+class OpCount(TrainingBatches):
+    "Tensor operations dispatched per training batch by phase, over `steps` batches after `warmup` ones; then stop"
+    def __init__(self, warmup, steps): self.warmup,self.steps,self.mode,self.ops = warmup,steps,None,{}
+    def before_fit(self): self.i = 0
+    def _phase(self, name):
+        "Charge the operations counted since the last event to the phase that ended, and start `name`"
+        if self.mode is None: return
+        if self.phase: self.ops.setdefault(self.phase, []).append(self.mode.n)
+        self.mode.n,self.phase = 0,name
+    def before_batch(self):
+        if self.training and self.i == self.warmup: self.mode,self.phase = _Count().__enter__(),None
+        self._phase('forward')
+    def after_pred(self): self._phase('loss')
+    def after_loss(self): self._phase('backward')
+    def before_step(self): self._phase('optimiser step')
+    def after_step(self): self._phase('zeroing and callbacks')
+    def after_batch(self):
+        if not self.training: return
+        self._phase('data')
+        self.i += 1
+        if self.i == self.warmup+self.steps: self.mode.__exit__(None, None, None); raise CancelFitException()
+
+def count_ops(learn, a):
+    "Tensor operations per training batch of `learn`, by phase"
+    cb = OpCount(a.warmup, a.steps)
+    with learn.no_bar(), learn.no_logging(): learn.fit(10**6, 1e-3, cbs=cb)
+    ops = {k: round(float(np.mean(v))) for k, v in cb.ops.items()}
+    return dict(total=sum(ops.values()), **ops)
 
 class EpochTimer(Callback):
     "Wall seconds of every epoch, validation included"
@@ -185,6 +228,8 @@ def main(argv=None):
                                                   "'trained' for the project model as briefly trained here, whose noisy outputs are slower to extract)")
     ap.add_argument('--compile', action='store_true', help='also time the project path with compile_unet (a variant)')
     ap.add_argument('--cudnn-benchmark', action='store_true', help="also time the project path with cuDNN's autotuner on (a variant)")
+    ap.add_argument('--adam', action='store_true', help="also time the project path with fastai's Adam (a variant)")
+    ap.add_argument('--count-ops', action='store_true', help='count the tensor operations per training batch, by phase')
     ap.add_argument('--profile', type=int, default=0, help='profile this many training batches of the project path')
     ap.add_argument('--epoch-times', action='store_true', help="time whole epochs with the DSB score in this process and in DSBMetric's workers")
     ap.add_argument('--tta', choices=['model', 'on', 'off'], default='model', help="test-time flips for the test images (default: the model's)")
@@ -200,7 +245,7 @@ def main(argv=None):
     res = dict(device=name, torch=torch.__version__, date=time.strftime('%Y-%m-%d %H:%M'), args=vars(a))
     df = prepare_dsb(progress=False)
     if a.n_items: df = modality_subset(df, a.n_items)
-    learners, kinds = {}, ('plain', 'project') + (('project_cudnn',) if a.cudnn_benchmark else ()) + (('project_compiled',) if a.compile else ())
+    learners, kinds = {}, ('plain', 'project') + (('project_cudnn',) if a.cudnn_benchmark else ()) + (('project_adam',) if a.adam else ()) + (('project_compiled',) if a.compile else ())
     for kind in kinds:
         try: res[kind], learners[kind] = train_speed(kind, a, dev, df)
         except Exception as e:
@@ -208,7 +253,13 @@ def main(argv=None):
             res[kind] = dict(error=f'{type(e).__name__}: {e}'[:500])   # a compile failure leaves the other figures standing
         print(kind, res[kind], flush=True)
     res.update(flops(learners['project'].model, a, dev))
-    if a.profile: res['profile'] = profile(a, dev); print('profile', json.dumps(res['profile'], indent=1), flush=True)
+    if a.count_ops:
+        res['ops_per_batch'] = dict(plain=count_ops(plain_learner(a, dev, df), a), project=count_ops(project_learner(a, dev), a))
+        print('ops per batch', res['ops_per_batch'], flush=True)
+    if a.profile:
+        res['profile'] = profile(a, dev)
+        res['profile']['device_busy_fraction'] = res['profile']['device_ms_per_step']/(1e3*a.bs/res['project']['train_images_per_s'])
+        print('profile', json.dumps(res['profile'], indent=1), flush=True)
     if a.epoch_times:
         res['epoch_times'] = [epoch_seconds(a, dev, w) for w in (0, None)]
         print('epoch times', res['epoch_times'], flush=True)

@@ -7,11 +7,12 @@
 # Files back under $OUT (at most 8 come back): train_gpu.json/.md, submission_stage1_gpu.csv, speed_gpu.json, log.txt
 # and notebooks.tgz (the executed 05, 06, 11 and index notebooks, and the run's history.csv). Steps in the order the
 # issue asks: results first, notebooks next, speed last.
-# GPU_STEPS picks the steps (default "speed"): "train" (the resnet34 recipe, 1 and 2 of issue 11), "notebooks"
-# (4; they need "train" first), "compact" (6: the compact model with a GPU budget; train_gpu_compact.json/.md, its
-# submission, model file and history come back), "speed" (3: plain vs project vs cuDNN autotuning vs compiled, a
-# profile of the project's training step, epochs with the DSB score in and out of process, and the 65 test images
-# with the model trained before it, GPU_MODEL, or the bundled model). GPU_COMPACT_EPOCHS and GPU_COMPACT_LIMIT (seconds from the start) size "compact".
+# GPU_STEPS picks the steps (default "speed"): "train" (the resnet34 recipe, 1 and 2 of issue 11), "notebooks" (4;
+# they need "train" first), "compact" (6: the compact model with a GPU budget; train_gpu_compact.json/.md, its
+# submission, model file and history come back), "speed" (3: plain vs project vs the project with fastai's Adam vs
+# cuDNN autotuning vs compiled, tensor operations per batch by phase, a profile of the project's training step, epochs
+# with the DSB score in and out of process, and the 65 test images with the model trained before it, GPU_MODEL, or the
+# bundled model). GPU_COMPACT_EPOCHS and GPU_COMPACT_LIMIT (seconds from the start) size "compact".
 # All four do not fit one call: "train notebooks" took about 440 s on an H200, "compact" 411 s and "speed" 255 s.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
@@ -28,8 +29,8 @@ mkdir -p /tmp/site/bin && printf '#!/usr/bin/env python3\nimport sys\nfrom nucle
 chmod +x /tmp/site/bin/nucleus-seg && nucleus-seg --help > /dev/null || { echo "nucleus-seg launcher failed"; exit 1; }
 if [ -d .dsb_cache ]; then export NUCLEUS_SEG_CACHE="$PWD/.dsb_cache"; unset NUCLEUS_SEG_DATA; export HOME=/tmp/gpuhome; fi
 python3 -c "import torch, fastai, nucleus_seg; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', '| torch', torch.__version__, '| fastai', fastai.__version__)"
-if [ -n "${GPU_RUN_QUICK:-}" ]; then TRAIN="--quick"; SPEED="--quick --profile 3 --epoch-times"; CUDA=""
-else TRAIN="--gpu-recipe"; SPEED="--peak-tflops 989 --compile --cudnn-benchmark --profile 20 --epoch-times"; CUDA="--flags cuda"; fi
+if [ -n "${GPU_RUN_QUICK:-}" ]; then TRAIN="--quick"; SPEED="--quick --profile 3 --epoch-times --adam --count-ops"; CUDA=""
+else TRAIN="--gpu-recipe"; SPEED="--peak-tflops 989 --adam --cudnn-benchmark --compile --count-ops --profile 20 --epoch-times"; CUDA="--flags cuda"; fi
 STEPS=" ${GPU_STEPS:-speed} "; MODEL=""
 if [[ $STEPS == *" train "* ]]; then
   echo "== 1, 2: train (what nucleus-seg train runs), tune, validation per modality, submission"

@@ -6,21 +6,19 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/inference.html.md"""
 
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'MAX_PIXELS', 'FLIPS', 'IMAGE_EXTS', 'DEFAULT_POST', 'TUNE_GRID', 'Segmenter', 'load_segmenter',
-           'paste_instances', 'instance_pool', 'classical_probs', 'ClassicalSegmenter', 'image_items',
-           'SkippedImageWarning', 'segment_folder', 'evaluate_model', 'test_mix', 'modality_scores', 'tune_thresholds',
-           'tune_model']
+           'paste_instances', 'classical_probs', 'ClassicalSegmenter', 'image_items', 'SkippedImageWarning',
+           'segment_folder', 'evaluate_model', 'test_mix', 'modality_scores', 'tune_thresholds', 'tune_model']
 
 # %% ../nbs/06_inference.ipynb #19519efb
-import os, time, warnings, itertools, multiprocessing
+import os, time, warnings, itertools
 from pathlib import Path
-from concurrent.futures import ProcessPoolExecutor
 import numpy as np, pandas as pd, torch, torch.nn.functional as F
 from fastcore.all import store_attr, ifnone, patch
 import nucleus_seg
 from .io import (DSBDataError, read_image, read_label, read_mask, normalise_image, input_stats, image_modality,
                             save_label, save_image, nucleus_table, atomic_write, progress, PlanesWarning)
 from .data import merge_masks, prepare_dsb
-from .instances import probs_to_instances, outline_overlay
+from .instances import probs_to_instances, outline_overlay, instance_pool
 from .metrics import image_report, dsb_score, settings_scores
 from .rle import write_submission, read_solution
 from .learner import load_model, update_model, compile_unet, cpu_workers
@@ -201,11 +199,6 @@ def segment(self:Segmenter, img, # image path, bytes or array
     return self.extract(self.predict_probs(a, stats))
 
 # %% ../nbs/06_inference.ipynb #26cea178
-def instance_pool(n_workers:int, # processes; 0: `None` (extract in the calling process)
-                 ):
-    "A process pool for `probs_to_instances` (forkserver: workers import only NumPy and scikit-image code)"
-    return ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context('forkserver')) if n_workers else None
-
 @patch(as_prop=True)
 def pool(self:Segmenter):
     "The extraction processes, started on first use and kept for later calls (None with `n_workers=0`)"

@@ -6,9 +6,11 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/instances.html.md"""
 
 # %% auto #0
 __all__ = ['remove_small_instances', 'fill_instance_holes', 'label_components', 'watershed_instances', 'probs_to_instances',
-           'target_to_instances', 'outline_overlay']
+           'target_to_instances', 'outline_overlay', 'instance_pool']
 
 # %% ../nbs/02_instances.ipynb #c3ec1dca
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.measure import label as _cc_label
@@ -142,3 +144,9 @@ def outline_overlay(img, # grey or RGB(A) image, uint8/uint16/float
     if label.shape != out.shape[:2]: raise ValueError(f"label shape {label.shape} does not match image {out.shape[:2]}")
     out[find_boundaries(label, mode='inner')] = color
     return out
+
+# %% ../nbs/02_instances.ipynb #e19f9cf0
+def instance_pool(n_workers:int, # processes; 0: `None` (extract in the calling process)
+                 ):
+    "A process pool for `probs_to_instances` (forkserver: workers import only NumPy and scikit-image code)"
+    return ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context('forkserver')) if n_workers else None

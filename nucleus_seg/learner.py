@@ -6,11 +6,11 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/learner.html.md"""
 
 # %% auto #0
 __all__ = ['ARCHS', 'WEIGHTS_URL_ENV', 'MODEL_FORMAT', 'MODEL_FORMAT_VERSION', 'NucleusLoss', 'cpu_workers', 'DSBMetric',
-           'encoder_fn', 'unet_model', 'imagenet_weights_url', 'load_imagenet_weights', 'nucleus_learner',
-           'atomic_save', 'BestModelCallback', 'CheckpointCallback', 'HistoryCallback', 'read_checkpoint',
-           'load_checkpoint', 'ModelFileError', 'save_model', 'read_model', 'load_model', 'learner_from_file',
-           'update_model', 'compile_unet', 'fix_gloo_broadcast', 'check_run_folder', 'TrainTimer', 'train_nucleus',
-           'plot_history']
+           'encoder_fn', 'unet_model', 'imagenet_weights_url', 'load_imagenet_weights', 'fused_adamw',
+           'nucleus_learner', 'atomic_save', 'BestModelCallback', 'CheckpointCallback', 'HistoryCallback',
+           'read_checkpoint', 'load_checkpoint', 'ModelFileError', 'save_model', 'read_model', 'load_model',
+           'learner_from_file', 'update_model', 'compile_unet', 'fix_gloo_broadcast', 'check_run_folder', 'TrainTimer',
+           'train_nucleus', 'plot_history']
 
 # %% ../nbs/05_learner.ipynb #d771e6cd
 import os, sys, json, socket, time, warnings, datetime, contextlib
@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F, torchvision
 from fastcore.all import store_attr, ifnone, L, risinstance, first, nested_attr
 from fastai.vision.all import (Callback, Metric, Learner, SaveModelCallback, Normalize, get_model, AMPMode, set_seed,
-                               create_unet_model, model_meta)
+                               create_unet_model, model_meta, OptimWrapper)
 from fastai.vision.learner import create_body, _default_meta
 from fastai.vision.models import xresnet
 import nucleus_seg
 from .io import atomic_write, interactive
 from .data import dsb_dataloaders, TARGET_CODES
+from .instances import instance_pool
 from .metrics import crop_score
 
 # %% ../nbs/05_learner.ipynb #dc495e0e
@@ -68,9 +69,7 @@ class DSBMetric(Metric):
         "The scoring processes, started on first use (None: score here)"
         n = cpu_workers(nested_attr(learn, 'dls.device', None), self.n_workers)
         p = getattr(self, 'pool', None)
-        if n and (p is None or p._broken):
-            from nucleus_seg.inference import instance_pool
-            p = self.pool = instance_pool(n)
+        if n and (p is None or p._broken): p = self.pool = instance_pool(n)
         return p if n else None
     def accumulate(self, learn):
         probs = learn.pred.float().softmax(1).detach().cpu().numpy()
@@ -140,6 +139,15 @@ def load_imagenet_weights(arch:str, # a torchvision encoder in `ARCHS`, such as 
         return None
     finally: socket.setdefaulttimeout(old)
 
+# %% ../nbs/05_learner.ipynb #1bf6e99a
+def fused_adamw(params, # parameters, or parameter groups from a learner's splitter
+                lr:float=1e-3, # learning rate (fastai's schedules set it during `fit`)
+                **kwargs # torch `AdamW` arguments, overriding fastai `Adam`'s defaults
+               )->OptimWrapper:
+    "PyTorch's fused `AdamW` as a fastai optimiser, with fastai `Adam`'s defaults (betas 0.9/0.99, eps 1e-5, wd 0.01)"
+    kw = dict(betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01, fused=True) | kwargs
+    return OptimWrapper(params, opt=torch.optim.AdamW, lr=lr, **kw)
+
 # %% ../nbs/05_learner.ipynb #94df63ba
 def _load_body(learn, arch, sd):
     "Copy the encoder part of the torchvision state dict `sd` into `learn.model`'s body"
@@ -167,6 +175,7 @@ def nucleus_learner(dls, # `DataLoaders` from `dsb_dataloaders` (images and clas
                     metrics=None, # defaults to `DSBMetric()`
                     mixed_precision:bool=None, # bf16 + channels-last; defaults to True on CUDA, False on the CPU
                     channels_last:bool=True, # without `mixed_precision`, still train in the channels-last layout (faster on CPUs)
+                    opt_func=fused_adamw, # the optimiser (fastai's `Adam` is the same arithmetic, one tensor at a time)
                     **kwargs # passed to fastai's `Learner` (`path`, `cbs`, `wd`...)
                    )->Learner:
     "A dynamic U-Net `Learner` for nucleus masks, its configuration in `learn.nucleus`"
@@ -178,7 +187,7 @@ def nucleus_learner(dls, # `DataLoaders` from `dsb_dataloaders` (images and clas
     codes = _mask_codes(dls)
     img_size = dls.one_batch()[0].shape[-2:]
     model = unet_model(arch, len(codes), img_size, arch_params)
-    learn = Learner(dls, model, loss_func=ifnone(loss_func, NucleusLoss()), metrics=ifnone(metrics, DSBMetric()),
+    learn = Learner(dls, model, loss_func=ifnone(loss_func, NucleusLoss()), metrics=ifnone(metrics, DSBMetric()), opt_func=opt_func,
                     splitter=model_meta.get(encoder_fn(arch, **ifnone(arch_params, {})), _default_meta)['split'], **kwargs)
     if sd is not None: _load_body(learn, arch, sd)
     learn.nucleus = dict(arch=arch, encoder=ARCHS[arch][0], arch_params={**ARCHS[arch][1], **ifnone(arch_params, {})}, n_out=len(codes), img_size=list(img_size),
@@ -260,7 +269,11 @@ def load_checkpoint(learn:Learner, # learner built like the one that wrote the c
     state = read_checkpoint(fn, map_location=ifnone(learn.dls.device, 'cpu'))
     get_model(learn.model).load_state_dict(state['model'])
     if learn.opt is None: learn.create_opt()
-    learn.opt.load_state_dict(state['opt'])
+    try: learn.opt.load_state_dict(state['opt'])
+    except (KeyError, ValueError, AssertionError) as e:
+        was = "fastai's `Adam` (`opt_func=Adam`)" if 'hypers' in state['opt'] else "a PyTorch optimiser (such as `opt_func=fused_adamw`)"
+        raise ValueError(f"{fn}: its optimiser state was written by {was}, not by this learner's "
+                         f"{getattr(learn.opt_func, '__name__', learn.opt_func)}: resume with that optimiser") from e
     return state
 
 # %% ../nbs/05_learner.ipynb #58ece605
@@ -497,7 +510,7 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
         recipe=dict(trained_by='nucleus_seg.learner.train_nucleus', epochs=epochs, lr=lr, bs=dls.bs,
                     crop=getattr(dls.train, 'crop', crop), valid_crop=getattr(dls.valid, 'crop', valid_crop),
                     zoom=getattr(dls.train, 'zoom', zoom), input_mode=getattr(dls, 'input_mode', input_mode), seed=seed,
-                    loss='NucleusLoss (cross-entropy, class weights 1/1/3, + soft Dice)', schedule='one-cycle, Adam',
+                    loss='NucleusLoss (cross-entropy, class weights 1/1/3, + soft Dice)', schedule=f"one-cycle, {getattr(learn.opt_func, '__name__', learn.opt_func)}",
                     n_train=len(dls.train_items), n_valid=len(dls.valid_items), resumed_at_epoch=start or None,
                     device=_device_name(dls.device), torch=torch.__version__,
                     train_seconds=round(time.perf_counter()-t0, 1), train_img_per_s=timer.img_per_s, peak_gpu_gib=_peak_gpu_gib(dls.device),

@@ -340,9 +340,21 @@ def test_resume_continues_schedule_and_optimiser(fake, tmp_path):
     assert len(resumed.recorder.lrs) == n and len(whole.recorder.lrs) == 3*n
     assert np.allclose(resumed.recorder.lrs, whole.recorder.lrs[-n:])   # the one-cycle schedule's last third
     p = resumed.opt.param_lists[0][0]
-    assert int(resumed.opt.state[p]['step']) == 3*n                     # Adam's state carried over, not restarted
+    assert int(resumed.opt.opt.state[p]['step']) == 3*n                 # AdamW's state carried over, not restarted
     assert not list(tmp_path.rglob('*.safetensors'))                   # model_file=None writes none
 
+
+
+def test_resume_with_another_optimiser_says_which(fake, tmp_path):
+    """A checkpoint written with fastai's `Adam` (runs before `fused_adamw` was the default) does not resume with the
+    default optimiser: the error names the one that wrote it, and resuming with it works."""
+    from fastai.optimizer import Adam
+    kw = _tiny(fake, epochs=2, model_file=None)
+    with pytest.raises(KeyboardInterrupt): train_nucleus(tmp_path/'run', cbs=KillAfter(0), opt_func=Adam, **kw)
+    with pytest.raises(ValueError, match=r"written by fastai's `Adam` \(`opt_func=Adam`\).*fused_adamw"):
+        train_nucleus(tmp_path/'run', resume=True, **kw)
+    learn = train_nucleus(tmp_path/'run', resume=True, opt_func=Adam, **kw)
+    assert [len(v) > 0 for v in learn.recorder.values] == [False, True]
 
 # ---------- speed: compile_unet, two processes ----------
 def test_compile_unet_matches_eager():
