@@ -12,7 +12,8 @@
 # submission, model file and history come back), "speed" (3: plain vs project vs the project with fastai's Adam vs
 # cuDNN autotuning vs compiled, tensor operations per batch by phase, a profile of the project's training step, epochs
 # with the DSB score in and out of process, and the 65 test images with the model trained before it, GPU_MODEL, or the
-# bundled model). GPU_COMPACT_EPOCHS and GPU_COMPACT_LIMIT (seconds from the start) size "compact".
+# bundled model), "speed-compact" (the same comparisons for the compact U-Net, after "speed" when time is left: about
+# 100 s more, not measured yet). GPU_COMPACT_EPOCHS and GPU_COMPACT_LIMIT (seconds from the start) size "compact".
 # All four do not fit one call: "train notebooks" took about 440 s on an H200, "compact" 411 s and "speed" 255 s.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
@@ -29,8 +30,9 @@ mkdir -p /tmp/site/bin && printf '#!/usr/bin/env python3\nimport sys\nfrom nucle
 chmod +x /tmp/site/bin/nucleus-seg && nucleus-seg --help > /dev/null || { echo "nucleus-seg launcher failed"; exit 1; }
 if [ -d .dsb_cache ]; then export NUCLEUS_SEG_CACHE="$PWD/.dsb_cache"; unset NUCLEUS_SEG_DATA; export HOME=/tmp/gpuhome; fi
 python3 -c "import torch, fastai, nucleus_seg; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', '| torch', torch.__version__, '| fastai', fastai.__version__)"
-if [ -n "${GPU_RUN_QUICK:-}" ]; then TRAIN="--quick"; SPEED="--quick --profile 3 --epoch-times --adam --count-ops"; CUDA=""
-else TRAIN="--gpu-recipe"; SPEED="--peak-tflops 989 --adam --cudnn-benchmark --compile --count-ops --profile 20 --epoch-times"; CUDA="--flags cuda"; fi
+if [ -n "${GPU_RUN_QUICK:-}" ]; then TRAIN="--quick"; SPEED="--quick --profile 3 --epoch-times --adam --count-ops"; SPEED_COMPACT="--quick --adam --count-ops --profile 3"; CUDA=""
+else TRAIN="--gpu-recipe"; SPEED="--peak-tflops 989 --adam --cudnn-benchmark --compile --count-ops --profile 20 --epoch-times"
+  SPEED_COMPACT="--peak-tflops 989 --adam --count-ops --profile 20"; CUDA="--flags cuda"; fi
 STEPS=" ${GPU_STEPS:-speed} "; MODEL=""
 if [[ $STEPS == *" train "* ]]; then
   echo "== 1, 2: train (what nucleus-seg train runs), tune, validation per modality, submission"
@@ -58,5 +60,10 @@ MODEL=${GPU_MODEL:-$MODEL}   # GPU_MODEL: a model file carried from an earlier c
 if [[ $STEPS == *" speed "* ]]; then
   echo "== 3: speed, plain fastai recipe vs the project's path (and compiled), and the 65 test images with the trained model"
   timeout "$(left 545)" python3 bench/bench_speed.py $SPEED ${MODEL:+--model $MODEL} --out "$OUT/speed_gpu.json" || echo "bench_speed failed or timed out"
+fi
+if [[ $STEPS == *" speed-compact "* ]]; then
+  echo "== the compact U-Net's training step (the bundled model's network): fused_adamw vs fastai's Adam, operations, profile"
+  timeout "$(left 560)" python3 bench/bench_speed.py $SPEED_COMPACT --arch compact --test-images 8 --infer-workers default \
+    --out "$OUT/speed_gpu_compact.json" || echo "bench_speed (compact) failed or timed out"
 fi
 echo "== done in $(( $(date +%s) - t0 )) s"
