@@ -264,16 +264,18 @@ def read_checkpoint(fn, # checkpoint written by `CheckpointCallback`
 def load_checkpoint(learn:Learner, # learner built like the one that wrote the checkpoint
                     fn, # checkpoint written by `CheckpointCallback`
                    )->dict: # the checkpoint (`epoch`, `n_epoch`, `best`...)
-    "Restore model and optimiser state from a `CheckpointCallback` file"
+    "Restore model and optimiser state from a `CheckpointCallback` file (another optimiser's state: a warning, and it starts afresh)"
     # fastai's optimiser keeps the loaded state tensors as they are: put them where training will run
     state = read_checkpoint(fn, map_location=ifnone(learn.dls.device, 'cpu'))
     get_model(learn.model).load_state_dict(state['model'])
     if learn.opt is None: learn.create_opt()
     try: learn.opt.load_state_dict(state['opt'])
-    except (KeyError, ValueError, AssertionError) as e:
-        was = "fastai's `Adam` (`opt_func=Adam`)" if 'hypers' in state['opt'] else "a PyTorch optimiser (such as `opt_func=fused_adamw`)"
-        raise ValueError(f"{fn}: its optimiser state was written by {was}, not by this learner's "
-                         f"{getattr(learn.opt_func, '__name__', learn.opt_func)}: resume with that optimiser") from e
+    except (KeyError, ValueError, AssertionError):  # written by another optimiser: both refuse before changing anything
+        was = "fastai's `Adam`" if 'hypers' in state['opt'] else "a PyTorch optimiser"
+        warnings.warn(f"{fn}: its optimiser state was written by {was}, not by {getattr(learn.opt_func, '__name__', learn.opt_func)}: "
+                      "the weights, epoch and best score load and the optimiser's moments start afresh (to resume them, "
+                      "train with the optimiser that wrote them, such as `opt_func=Adam`)")
+        learn.create_opt()
     return state
 
 # %% ../nbs/05_learner.ipynb #58ece605

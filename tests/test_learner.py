@@ -345,16 +345,26 @@ def test_resume_continues_schedule_and_optimiser(fake, tmp_path):
 
 
 
-def test_resume_with_another_optimiser_says_which(fake, tmp_path):
-    """A checkpoint written with fastai's `Adam` (runs before `fused_adamw` was the default) does not resume with the
-    default optimiser: the error names the one that wrote it, and resuming with it works."""
+def test_resume_with_another_optimiser_keeps_the_weights(fake, tmp_path):
+    """A checkpoint written with fastai's `Adam` (the optimiser before `fused_adamw`) resumes with the default
+    optimiser: a warning names the one that wrote it, the weights and epoch load and only the moments start afresh.
+    With the optimiser that wrote it, its state loads without a warning."""
     from fastai.optimizer import Adam
-    kw = _tiny(fake, epochs=2, model_file=None)
+    kw, ckpt = _tiny(fake, epochs=2, model_file=None), tmp_path/'run'/'models'/'last.pth'
     with pytest.raises(KeyboardInterrupt): train_nucleus(tmp_path/'run', cbs=KillAfter(0), opt_func=Adam, **kw)
-    with pytest.raises(ValueError, match=r"written by fastai's `Adam` \(`opt_func=Adam`\).*fused_adamw"):
-        train_nucleus(tmp_path/'run', resume=True, **kw)
-    learn = train_nucleus(tmp_path/'run', resume=True, opt_func=Adam, **kw)
-    assert [len(v) > 0 for v in learn.recorder.values] == [False, True]
+    learn = nucleus_learner(tiny_dls(fake))
+    with pytest.warns(UserWarning, match=r"written by fastai's `Adam`, not by fused_adamw.*weights, epoch and best score load"):
+        state = load_checkpoint(learn, ckpt)
+    assert state['epoch'] == 0 and same_weights(learn.model.state_dict(), read_checkpoint(ckpt)['model'])
+    assert not learn.opt.opt.state                                      # fresh moments
+    adam = nucleus_learner(tiny_dls(fake), opt_func=Adam)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)
+        load_checkpoint(adam, ckpt)
+    assert int(adam.opt.state[adam.opt.param_lists[0][0]]['step']) == len(adam.dls.train)   # Adam's own state, loaded
+    with pytest.warns(UserWarning, match="written by fastai's `Adam`"): resumed = train_nucleus(tmp_path/'run', resume=True, **kw)
+    assert [len(v) > 0 for v in resumed.recorder.values] == [False, True]   # epoch 1 trained from the checkpoint
+
 
 # ---------- speed: compile_unet, two processes ----------
 def test_compile_unet_matches_eager():
