@@ -10,8 +10,8 @@
 (c) with `--compile`, also (b) with `compile_unet` (`project_compiled`), with `--cudnn-benchmark`, (b) with cuDNN's
     autotuner on (`project_cudnn`: `torch.backends.cudnn.benchmark`, off by default in torch and fastai), and with
     `--adam`, (b) with fastai's `Adam` in place of `fused_adamw` (`project_adam`), in the same run.
-With `--count-ops`, the tensor operations dispatched per training batch of (a) and (b), by phase (data, forward, loss,
-backward, optimiser step, zeroing and callbacks): each costs host time, whatever the device.
+With `--count-ops`, the tensor operations dispatched per training batch of (a), (b) and, with `--adam`, `project_adam`,
+by phase (data, forward, loss, backward, optimiser step, zeroing and callbacks): each costs host time, whatever the device.
 With `--profile N`, N training batches of (b) run under `torch.profiler`: the operators taking the most device time,
 and the device time by kind of operator (convolutions and matrix products, normalisation, the rest).
 With `--epoch-times`, whole epochs of (b), validation and its DSB score included, with the score computed in the training
@@ -254,7 +254,8 @@ def main(argv=None):
         print(kind, res[kind], flush=True)
     res.update(flops(learners['project'].model, a, dev))
     if a.count_ops:
-        res['ops_per_batch'] = dict(plain=count_ops(plain_learner(a, dev, df), a), project=count_ops(project_learner(a, dev), a))
+        res['ops_per_batch'] = dict(plain=count_ops(plain_learner(a, dev, df), a), project=count_ops(project_learner(a, dev), a),
+                                    **({'project_adam': count_ops(project_learner(a, dev, opt_func=Adam), a)} if a.adam else {}))
         print('ops per batch', res['ops_per_batch'], flush=True)
     if a.profile:
         res['profile'] = profile(a, dev)
