@@ -85,14 +85,18 @@ def plain_learner(a, dev, df):
     learn = unet_learner(plain_dls(df, a, dev), encoder_fn(a.arch), pretrained=False, n_out=3, loss_func=CrossEntropyLossFlat(axis=1))
     return learn.to_bf16() if torch.device(dev).type == 'cuda' else learn
 
+def learner_of(kind, a, dev, df):
+    "The learner of a variant: 'plain', 'project', 'project_adam' (fastai's `Adam`), 'project_compiled', 'project_cudnn'"
+    if kind == 'plain': return plain_learner(a, dev, df)
+    learn = project_learner(a, dev, **(dict(opt_func=Adam) if kind == 'project_adam' else {}))
+    if kind == 'project_compiled': compile_unet(learn.model)
+    return learn
+
 def train_speed(kind, a, dev, df):
     "Training images/s (median of the timed runs) and peak GPU memory"
     bench0 = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = kind == 'project_cudnn' or bench0
-    if kind == 'plain': learn = plain_learner(a, dev, df)
-    else:
-        learn = project_learner(a, dev, **(dict(opt_func=Adam) if kind == 'project_adam' else {}))
-        if kind == 'project_compiled': compile_unet(learn.model)
+    learn = learner_of(kind, a, dev, df)
     if torch.device(dev).type == 'cuda': torch.cuda.reset_peak_memory_stats()
     warmup = max(a.warmup, len(learn.dls.train)+2) if kind == 'project_compiled' else a.warmup  # compiled for both batch shapes first
     cb = Throughput(warmup, a.steps, a.repeats)
@@ -254,8 +258,7 @@ def main(argv=None):
         print(kind, res[kind], flush=True)
     res.update(flops(learners['project'].model, a, dev))
     if a.count_ops:
-        res['ops_per_batch'] = dict(plain=count_ops(plain_learner(a, dev, df), a), project=count_ops(project_learner(a, dev), a),
-                                    **({'project_adam': count_ops(project_learner(a, dev, opt_func=Adam), a)} if a.adam else {}))
+        res['ops_per_batch'] = {k: count_ops(learner_of(k, a, dev, df), a) for k in ('plain', 'project', 'project_adam') if k in kinds}
         print('ops per batch', res['ops_per_batch'], flush=True)
     if a.profile:
         res['profile'] = profile(a, dev)

@@ -58,7 +58,7 @@ if [[ $STEPS == *" notebooks "* ]]; then
 fi
 MODEL=${GPU_MODEL:-$MODEL}   # GPU_MODEL: a model file carried from an earlier call (for "speed" alone)
 if [[ $STEPS == *" speed "* ]]; then
-  echo "== 3: speed, plain fastai recipe vs the project's path (and compiled), and the 65 test images with the trained model"
+  echo "== 3: speed, plain fastai recipe vs the project's path and its variants, operations, profile, epochs, and the 65 test images"
   timeout "$(left 545)" python3 bench/bench_speed.py $SPEED ${MODEL:+--model $MODEL} --out "$OUT/speed_gpu.json" || echo "bench_speed failed or timed out"
 fi
 if [[ $STEPS == *" speed-compact "* ]]; then

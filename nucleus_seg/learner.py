@@ -261,6 +261,8 @@ def read_checkpoint(fn, # checkpoint written by `CheckpointCallback`
     # fastai's optimiser state holds fastcore `L`s and NumPy scalars (the one-cycle schedule's values): data, not code
     with torch.serialization.safe_globals(_PLAIN_DATA): return torch.load(fn, map_location=map_location, weights_only=True)
 
+def _opt_name(learn)->str: return getattr(learn.opt_func, '__name__', str(learn.opt_func))  # fused_adamw, Adam...
+
 def load_checkpoint(learn:Learner, # learner built like the one that wrote the checkpoint
                     fn, # checkpoint written by `CheckpointCallback`
                    )->dict: # the checkpoint (`epoch`, `n_epoch`, `best`...)
@@ -270,12 +272,12 @@ def load_checkpoint(learn:Learner, # learner built like the one that wrote the c
     get_model(learn.model).load_state_dict(state['model'])
     if learn.opt is None: learn.create_opt()
     try: learn.opt.load_state_dict(state['opt'])
-    except (KeyError, ValueError, AssertionError):  # written by another optimiser: both refuse before changing anything
+    except (KeyError, ValueError, AssertionError):  # written by another optimiser
         was = "fastai's `Adam`" if 'hypers' in state['opt'] else "a PyTorch optimiser"
-        warnings.warn(f"{fn}: its optimiser state was written by {was}, not by {getattr(learn.opt_func, '__name__', learn.opt_func)}: "
+        warnings.warn(f"{fn}: its optimiser state was written by {was}, not by {_opt_name(learn)}: "
                       "the weights, epoch and best score load and the optimiser's moments start afresh (to resume them, "
                       "train with the optimiser that wrote them, such as `opt_func=Adam`)")
-        learn.create_opt()
+        learn.create_opt()  # a fresh optimiser, whatever the failed load left
     return state
 
 # %% ../nbs/05_learner.ipynb #58ece605
@@ -512,7 +514,7 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
         recipe=dict(trained_by='nucleus_seg.learner.train_nucleus', epochs=epochs, lr=lr, bs=dls.bs,
                     crop=getattr(dls.train, 'crop', crop), valid_crop=getattr(dls.valid, 'crop', valid_crop),
                     zoom=getattr(dls.train, 'zoom', zoom), input_mode=getattr(dls, 'input_mode', input_mode), seed=seed,
-                    loss='NucleusLoss (cross-entropy, class weights 1/1/3, + soft Dice)', schedule=f"one-cycle, {getattr(learn.opt_func, '__name__', learn.opt_func)}",
+                    loss='NucleusLoss (cross-entropy, class weights 1/1/3, + soft Dice)', schedule=f"one-cycle, {_opt_name(learn)}",
                     n_train=len(dls.train_items), n_valid=len(dls.valid_items), resumed_at_epoch=start or None,
                     device=_device_name(dls.device), torch=torch.__version__,
                     train_seconds=round(time.perf_counter()-t0, 1), train_img_per_s=timer.img_per_s, peak_gpu_gib=_peak_gpu_gib(dls.device),

@@ -344,7 +344,6 @@ def test_resume_continues_schedule_and_optimiser(fake, tmp_path):
     assert not list(tmp_path.rglob('*.safetensors'))                   # model_file=None writes none
 
 
-
 def test_resume_with_another_optimiser_keeps_the_weights(fake, tmp_path):
     """A checkpoint written with fastai's `Adam` (the optimiser before `fused_adamw`) resumes with the default
     optimiser: a warning names the one that wrote it, the weights and epoch load and only the moments start afresh.
