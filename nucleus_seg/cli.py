@@ -146,6 +146,7 @@ def predict(src:str, # an image file or a folder of images (searched recursively
             planes:str='auto', # multi-plane TIFFs: auto, channels, or z (maximum projection of a z-stack)
             cpu:store_true=False, # use the CPU even when a GPU is present
             bf16:bool_arg=None, # predict in bfloat16 (default: on a GPU; faster on CPUs with native bfloat16, such as AMX)
+            scale:str=None, # resize images by this factor before the network (0.5: nuclei twice DSB2018's size), or 'auto' to choose per image
             scheduler:str=None, # spread the files over a Dask cluster: 'local' (one worker per core) or a scheduler address; files already done are skipped
            ):
     "Segment images: label images, overlays, nucleus tables and an RLE CSV in OUT"
@@ -153,10 +154,10 @@ def predict(src:str, # an image file or a folder of images (searched recursively
     from nucleus_seg.io import PLANE_MODES
     if planes not in PLANE_MODES: raise CliError(f"unknown --planes {planes!r} (choose from {', '.join(PLANE_MODES)})")
     kw = dict(overlays=overlays, planes=planes, submission=Path(out)/'submission.csv', report=_report)
-    if scheduler: df = _predict_dask(src, out, scheduler, model, cpu, tta=tta, tile=tile, bf16=bf16, **kw)
+    if scheduler: df = _predict_dask(src, out, scheduler, model, cpu, tta=tta, tile=tile, bf16=bf16, scale=scale, **kw)
     else:
         from nucleus_seg.inference import segment_folder
-        df = segment_folder(_segmenter(model, cpu, tta=tta, tile=tile, bf16=bf16), src, out, **kw)
+        df = segment_folder(_segmenter(model, cpu, tta=tta, tile=tile, bf16=bf16, scale=scale), src, out, **kw)
     ok = df[df.status=='ok']
     print(f"{len(ok)} images, {int(ok.n_nuclei.sum())} nuclei -> {out}")
     return _skipped(df, out)
@@ -172,12 +173,13 @@ def evaluate(src:Annotated[str, dict(opt=False, nargs='?')]=None, # labelled ima
              tile:int=1024, # images larger than this are predicted in overlapping tiles
              cpu:store_true=False, # use the CPU even when a GPU is present
              bf16:bool_arg=None, # predict in bfloat16 (default: on a GPU; faster on CPUs with native bfloat16, such as AMX)
+             scale:str=None, # resize images by this factor before the network (0.5: nuclei twice DSB2018's size), or 'auto' to choose per image
             ):
     "Dataset DSB score of a model on labelled images, per modality and re-weighted to the test mix, and a per-image table"
     _positive(n_items=n_items, tile=tile)
     import pandas as pd
     from nucleus_seg.inference import evaluate_model, image_items, modality_scores, test_mix
-    seg = _segmenter(model, cpu, tta=tta, tile=tile, bf16=bf16)
+    seg = _segmenter(model, cpu, tta=tta, tile=tile, bf16=bf16, scale=scale)
     items = image_items(src) if src else _valid_items(model)
     if n_items: items = items.iloc[:n_items]
     score,df = evaluate_model(seg, items, solution=solution, report=_report)
@@ -199,6 +201,7 @@ def submit(model:str=None, # model file (default: the bundled model)
            tta:bool_arg=None, # average the four flips (default: the model's setting)
            cpu:store_true=False, # use the CPU even when a GPU is present
            bf16:bool_arg=None, # predict in bfloat16 (default: on a GPU; faster on CPUs with native bfloat16, such as AMX)
+           scale:str=None, # resize images by this factor before the network (0.5: nuclei twice DSB2018's size), or 'auto' to choose per image
           ):
     "Write and validate the Kaggle submission CSV for the stage-1 test images"
     _positive(n_items=n_items)
@@ -206,7 +209,7 @@ def submit(model:str=None, # model file (default: the bundled model)
     from nucleus_seg.data import prepare_dsb
     from nucleus_seg.inference import segment_folder
     from nucleus_seg.rle import validate_submission
-    seg = _segmenter(model, cpu, tta=tta, bf16=bf16)
+    seg = _segmenter(model, cpu, tta=tta, bf16=bf16, scale=scale)
     items = prepare_dsb(data, split='test', cache=cache)
     if n_items: items = items.iloc[:n_items]
     t0 = time.perf_counter()

@@ -6,7 +6,7 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/instances.html.md"""
 
 # %% auto #0
 __all__ = ['remove_small_instances', 'fill_instance_holes', 'label_components', 'watershed_instances', 'probs_to_instances',
-           'target_to_instances', 'outline_overlay', 'instance_pool']
+           'target_to_instances', 'nucleus_diameter', 'resize_labels', 'outline_overlay', 'instance_pool']
 
 # %% ../nbs/02_instances.ipynb #c3ec1dca
 import multiprocessing
@@ -132,6 +132,23 @@ def target_to_instances(target:np.ndarray, # classes3 target (0 background, 1 in
     rest = _cc_label(fg & (lbl==0), connectivity=1)
     lbl[rest>0] = rest[rest>0] + lbl.max()
     return remove_small_instances(lbl, min_size) if min_size else lbl.astype(np.uint16)
+
+# %% ../nbs/02_instances.ipynb #d7cc599f
+def nucleus_diameter(label, # integer label image, 0 is background
+                    )->float: # pixels; nan when there are no instances
+    "Median equivalent diameter of the instances of `label` (the diameter of a disc of the same area)."
+    areas = np.bincount(np.asarray(label).ravel().astype(np.int64))[1:]
+    areas = areas[areas > 0]
+    return float(np.sqrt(4*np.median(areas)/np.pi)) if len(areas) else float('nan')
+
+# %% ../nbs/02_instances.ipynb #28897feb
+def resize_labels(label, # integer label image
+                  shape:tuple, # (height, width) wanted
+                 )->np.ndarray:
+    "`label` resized to `shape` by nearest neighbour: the same dtype and ids, none new."
+    label = np.asarray(label)
+    ys,xs = [np.minimum(((np.arange(n)+0.5)*m/n).astype(np.int64), m-1) for n,m in zip(shape, label.shape)]
+    return label[np.ix_(ys, xs)]
 
 # %% ../nbs/02_instances.ipynb #871df95a
 def outline_overlay(img, # grey or RGB(A) image, uint8/uint16/float

@@ -7,8 +7,8 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/io.html.md"""
 # %% auto #0
 __all__ = ['PLANE_MODES', 'INPUT_MODES', 'MODALITIES', 'DSBDataError', 'to_uint8', 'to_rgb', 'read_bytes', 'PlanesWarning',
            'read_planes', 'read_image', 'read_mask', 'read_label', 'atomic_write', 'label_png', 'save_label',
-           'save_image', 'hematoxylin', 'input_stats', 'normalise_image', 'image_modality', 'nucleus_table',
-           'interactive', 'progress']
+           'save_image', 'hematoxylin', 'input_stats', 'normalise_image', 'zoom_image', 'image_modality',
+           'nucleus_table', 'interactive', 'progress']
 
 # %% ../nbs/00_io.ipynb #4df889de
 import io, os, sys, time, uuid, warnings
@@ -245,6 +245,18 @@ def normalise_image(img, # image (anything `read_image` reads), or a window of o
     if st['invert']: g = 255 - g
     out = np.clip((g-st['lo'])/max(st['hi']-st['lo'], 1e-6), 0, 1)*255
     return out.round().astype(np.uint8)[..., None].repeat(3, -1)
+
+# %% ../nbs/00_io.ipynb #21a2ad19
+def zoom_image(img, # image (anything `read_image` reads)
+               f:float, # factor on each side: 2 doubles the height and the width
+              )->np.ndarray:
+    "`img` resized by `f` as `uint8` H×W×3 (linear; anti-aliased when shrinking)."
+    from skimage.transform import resize
+    a = _as_rgb8(img)
+    if not f > 0: raise ValueError(f'zoom factor must be positive, not {f!r}')
+    if f == 1: return a
+    shape = (max(1, round(a.shape[0]*f)), max(1, round(a.shape[1]*f)))
+    return resize(a, shape, order=1, anti_aliasing=f < 1, preserve_range=True).round().astype(np.uint8)
 
 # %% ../nbs/00_io.ipynb #57fa23fc
 MODALITIES = ('fluorescence', 'brightfield', 'histology')

@@ -106,6 +106,8 @@ def test_app_is_registered():
     (['submit', '--n-items', '0'], 1, '--n-items must be positive'),
     (['tune', 'model.safetensors', '--n-workers', '0'], 1, '--n-workers must be positive'),
     (['predict', '.', '--planes', 'time'], 1, "unknown --planes 'time'"),
+    (['predict', '.', '--scale', 'big'], 1, "scale must be 'auto' or a number from 1/8 to 8, not 'big'"),
+    (['evaluate', '.', '--scale', '0'], 1, "scale must be 'auto' or a number from 1/8 to 8, not '0'"),
     (['predict', '.', '--model', 'missing.safetensors'], 1, 'model file not found: missing.safetensors'),
     (['prepare', '--data', '/nonexistent/dsb'], 1, '/nonexistent/dsb: data folder does not exist'),
 ])
@@ -263,11 +265,12 @@ def test_predict_with_tta_and_tiles(cli_model, sample_images, tmp_path, capsys):
     from nucleus_seg.inference import load_segmenter
     imgs = sorted(sample_images.iterdir())
     # 96x128 images: --tile 96 splits them in two overlapping tiles (the overlap is fixed at 64)
-    for args, kw in [([], dict(tta=True)), (['--tile', '96'], dict(tta=True, tile=96)), (['--tta', 'False'], dict(tta=False))]:
+    for args, kw in [([], dict(tta=True)), (['--tile', '96'], dict(tta=True, tile=96)), (['--tta', 'False'], dict(tta=False)),
+                     (['--scale', '1.5'], dict(tta=True, scale=1.5)), (['--scale', 'auto'], dict(tta=True, scale='auto'))]:
         dest = tmp_path/'-'.join(['pred', *args])
         assert main(['predict', str(sample_images), '--model', model, '--out', str(dest), '--cpu', *args]) == 0
         seg = load_segmenter(model, device='cpu', **kw)
-        assert seg.tta == kw['tta'] and (seg.tile == 96) == ('tile' in kw)
+        assert seg.tta == kw['tta'] and (seg.tile == 96) == ('tile' in kw) and seg.scale == kw.get('scale', 1.0)
         for f in imgs: np.testing.assert_array_equal(read_label(dest/'labels'/f.name), seg.segment(f), err_msg=str(args))
         assert validate_submission(dest/'submission.csv', {f.stem: read_image(f).shape[:2] for f in imgs})['n_images'] == len(imgs)
         assert sorted(p.name for p in dest.iterdir()) == ['labels', 'nuclei', 'overlays', 'submission.csv']

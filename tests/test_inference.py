@@ -15,9 +15,11 @@ from nucleus_seg.metrics import dsb_score, image_report
 from nucleus_seg.rle import write_submission, validate_submission
 from nucleus_seg.inference import (DEFAULT_MODEL, Segmenter, load_segmenter, paste_instances, ClassicalSegmenter,
                                    image_items, SkippedImageWarning, segment_folder, evaluate_model, modality_scores,
-                                   tune_thresholds, tune_model, _core_instances)
+                                   tune_thresholds, tune_model, _core_instances, DSB_DIAMETERS, AUTO_MIN_CHANGE)
+from nucleus_seg.instances import nucleus_diameter, resize_labels
 from nucleus_seg.inference import test_mix as modality_mix   # (a `test_` name pytest would collect)
 from synthetic import model_config, fake_image, random_label, grid_label, disks, png, IMAGENET_STATS
+from nucleus_seg.io import zoom_image, input_stats
 
 torch.set_num_threads(1)  # CI's 2 cores are shared: one thread each is several times faster than two
 
@@ -197,6 +199,66 @@ def test_segment_many_equals_segment(random_model):
     assert len(many) == len(one)
     for a, b in zip(one, many): np.testing.assert_array_equal(a, b)
 
+
+
+# ---------- scale ----------
+def test_scale_segments_the_resized_image_and_returns_the_image_size():
+    "A factor is the resized image segmented at scale 1 (stretched as the whole image), labels brought back by nearest neighbour; windows keep it."
+    lbl = grid_label((96, 128))
+    img = fake_image(lbl, seed=4)
+    st = input_stats(img, 'grey')
+    one = Segmenter(ThresholdNet(), model_config(), tta=False, device='cpu', min_size=15)
+    for f in (0.5, 2):
+        seg = Segmenter(ThresholdNet(), model_config(), tta=False, device='cpu', min_size=15, scale=f)
+        out = seg.segment(img)
+        np.testing.assert_array_equal(out, resize_labels(one.segment(zoom_image(img, f), st), img.shape[:2]))
+        rep = image_report(lbl, out)   # every nucleus found; at half size its outline is coarser
+        assert rep['n_pred'] == rep['n_true'] and rep['score'] > (0.9 if f > 1 else 0.7)
+    win = Segmenter(ThresholdNet(), model_config(), tta=False, device='cpu', min_size=15, scale=2, max_pixels=64*64)
+    rep = image_report(lbl, win.segment(img))   # 4x the pixels: more than max_pixels, so windows, each at scale 2
+    assert rep['n_pred'] == rep['n_true'] and rep['score'] > 0.9
+
+
+def test_auto_scale_aims_for_the_training_range():
+    seg = Segmenter(ThresholdNet(), model_config(), device='cpu')
+    lo, hi = DSB_DIAMETERS
+    def disc(r): return disks((400, 400), [(200, 200)], [r])
+    assert seg.auto_scale(disc(10)) == 1.0 and seg.auto_scale(np.zeros((9, 9), np.uint16)) == 1.0
+    assert hi < nucleus_diameter(disc(16)) < hi*AUTO_MIN_CHANGE and seg.auto_scale(disc(16)) == 1.0   # just outside: left alone
+    assert seg.auto_scale(disc(40)) == pytest.approx(hi/nucleus_diameter(disc(40)))      # large: shrunk to the top end
+    assert seg.auto_scale(disc(4)) == pytest.approx(lo/nucleus_diameter(disc(4)))        # small: enlarged to the bottom
+    assert seg.auto_scale(disc(190)) == 0.25 and seg.auto_scale(disc(1)) == 4.0          # within 1/4 to 4
+
+
+def test_auto_scale_segments_once_in_range_and_twice_outside(monkeypatch):
+    "Nuclei in the range: one pass at the image's size. Large nuclei: a second pass at the factor the first pass gives."
+    seg = Segmenter(ThresholdNet(), model_config(), tta=False, device='cpu', scale='auto')
+    calls, orig = [], Segmenter.segment_scaled
+    monkeypatch.setattr(Segmenter, 'segment_scaled', lambda self, a, st, f: calls.append(f) or orig(self, a, st, f))
+    small = fake_image(grid_label((96, 128)), seed=5)
+    seg.segment(small)
+    assert calls == [1.0]
+    big_lbl = disks((300, 300), [(80, 80), (80, 220), (220, 150)], [40, 40, 40])
+    big = fake_image(big_lbl, seed=5)
+    f = seg.auto_scale(Segmenter(ThresholdNet(), model_config(), tta=False, device='cpu').segment(big))
+    calls.clear(); out = seg.segment(big)
+    assert calls == [1.0, f] and f < 0.5
+    assert out.shape == big.shape[:2] and dsb_score(big_lbl, out) > 0.9
+
+
+@pytest.mark.parametrize('scale', ['auto', 0.6])
+def test_segment_many_equals_segment_with_scale(random_model, scale):
+    seg = load_segmenter(random_model, device='cpu', tta=False, bs=2, tile=96, overlap=32, scale=scale)
+    rng = np.random.default_rng(8)
+    shapes = [(64, 64), (64, 96), (64, 64), (200, 140)]
+    imgs = [fake_image(random_label(s, 5, rng), seed=i) for i, s in enumerate(shapes)]
+    imgs.append(fake_image(disks((120, 120), [(60, 60)], [45]), seed=9))   # one large nucleus: 'auto' shrinks it
+    for a, b in zip([seg.segment(a) for a in imgs], seg.segment_many(imgs)): np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('bad', [0, 1/9, 9, 'big', None, '2x'])
+def test_scale_errors(bad):
+    with pytest.raises(ValueError, match="scale must be 'auto' or a number"): Segmenter(ThresholdNet(), model_config(), device='cpu', scale=bad)
 
 def test_bf16_is_opt_in_on_a_cpu_and_close_to_float32():
     "bfloat16 on a GPU by default, on a CPU when asked; the bundled model's probabilities stay close to float32's."

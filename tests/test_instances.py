@@ -115,6 +115,23 @@ def test_target_to_instances_on_real_labels(train_df):
     assert np.mean([dsb_score(l, probs_to_instances(one_hot(l))) for l in map(read_label, rows.label)]) > 0.95
 
 
+def test_nucleus_diameter_is_the_median_disc_diameter():
+    lbl = disks((200, 200), [(30, 30), (30, 120), (120, 60)], [5, 10, 30])
+    areas = np.bincount(lbl.ravel())[1:]
+    assert nucleus_diameter(lbl) == pytest.approx(np.sqrt(4*areas[1]/np.pi))   # the middle disc's
+    assert nucleus_diameter(lbl) == pytest.approx(20, abs=0.5)
+    assert np.isnan(nucleus_diameter(np.zeros((5, 5), np.uint16)))
+
+
+def test_resize_labels_keeps_ids_and_round_trips():
+    lbl = disks((60, 80), [(20, 20), (40, 55)], [8, 12]).astype(np.uint16); lbl[lbl == 2] = 700
+    big = resize_labels(lbl, (180, 240))
+    assert big.dtype == lbl.dtype and set(np.unique(big)) == {0, 1, 700}
+    np.testing.assert_array_equal(big[1::3, 1::3], lbl)                 # every block of 3x3 is its source pixel
+    np.testing.assert_array_equal(resize_labels(big, lbl.shape), lbl)   # and back, exactly
+    assert resize_labels(lbl, (7, 9)).shape == (7, 9)
+    assert set(np.unique(resize_labels(lbl, (31, 41)))) <= {0, 1, 700}
+
 def test_outline_overlay():
     img = np.full((40, 60), 100, np.uint8)
     out = outline_overlay(img, TOUCHING, color=(255, 0, 0))

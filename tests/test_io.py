@@ -185,6 +185,23 @@ def test_bit_depth_does_not_change_the_input(colour):
     assert np.abs(normalise_image(g[..., None].repeat(3, -1)).astype(int) - normalise_image(r)).mean() < 1.5
 
 
+def test_zoom_image_sizes_brightness_and_errors():
+    "Sides scale by the factor (rounded, at least 1); a flat image stays flat; 1 is the image itself; enlarging then shrinking returns it."
+    img = fake_image(disks((40, 60), [(20, 30)], [12]), seed=1)
+    assert zoom_image(img, 2).shape == (80, 120, 3) and zoom_image(img, 0.5).shape == (20, 30, 3)
+    assert zoom_image(img, 1/3).shape == (13, 20, 3) and zoom_image(img, 0.001).shape == (1, 1, 3)
+    assert zoom_image(img, 1) is img
+    flat = np.full((10, 14, 3), 77, np.uint8)
+    for f in (0.3, 1.7, 4): assert (zoom_image(flat, f) == 77).all()
+    ramp = np.add.outer(np.arange(40)*2, np.arange(60)).astype(np.uint8)[..., None].repeat(3, -1)
+    for f in (2, 0.5):   # a linear ramp stays the same ramp, sampled at the new pixel centres (away from the edges)
+        z = zoom_image(ramp, f).astype(float)[..., 0]
+        want = np.add.outer(((np.arange(z.shape[0])+0.5)/f-0.5)*2, (np.arange(z.shape[1])+0.5)/f-0.5)
+        assert np.abs(z - want)[4:-4, 4:-4].max() <= 1
+    assert zoom_image(img[..., 0], 2).shape == (80, 120, 3)           # grey in, RGB out, like `read_image`
+    for bad in (0, -1, float('nan')):
+        with pytest.raises(ValueError, match='positive'): zoom_image(img, bad)
+
 def test_image_modality_synthetic():
     lbl = grid_label()
     for m in MODALITIES: assert image_modality(fake_image(lbl, m, seed=5)) == m
