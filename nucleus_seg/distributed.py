@@ -305,7 +305,7 @@ def _segment_block(name:str, src, g:dict, stats:dict, rng:tuple, scratch:str)->d
         with np.load(fn) as f: return dict(i=g['i'], j=g['j'], n=int(f['n']), resumed=True, worker=None, seconds=0., peak_mib=None)
     seg = worker_segmenter(name)
     with open_slide(src) as z: win = slide_uint8(read_region(z, g['wy0'], g['wy1'], g['wx0'], g['wx1']), *rng)
-    lbl = seg.segment_scaled(win, stats, 1.0 if seg.scale == 'auto' else seg.scale)  # one scale for every block
+    lbl = seg.segment_scaled(win, stats, seg.first_scale)  # one scale for every block ('auto': 1)
     ids = _core_instances(lbl, (g['y0']-g['wy0'], g['y1']-g['wy0'], g['x0']-g['wx0'], g['x1']-g['wx0']))
     lut = np.zeros(int(lbl.max())+1, np.uint32); lut[ids] = np.arange(1, len(ids)+1)
     pieces = _pieces(lut[lbl], g)

@@ -73,6 +73,11 @@ class Segmenter:
         if compile: compile_unet(self.model, **({} if compile is True else dict(backend=compile)))
         self.name = name or f"{config.get('arch', 'U-Net')} model"
 
+    @property
+    def first_scale(self)->float:
+        "The factor of a first (or only) pass: `scale`, or 1 when it is 'auto'"
+        return 1.0 if self.scale == 'auto' else self.scale
+
 # %% ../nbs/06_inference.ipynb #ed09f907
 def _describe(fn:Path, cfg:dict)->str:
     "How a model file is named in messages: file, arch, how it was trained, its validation score"
@@ -178,12 +183,12 @@ def segment_windows(self:Segmenter, img, # a large image (path, bytes or array)
                     window:int=None, # window side, before margins (default: the segmenter's `window`, divided by `scale` when enlarging)
                     margin:int=128, # overlap on each side, wider than any nucleus
                     stats:dict=None, # `input_stats` (default: measured on the image)
-                    scale:float=None, # resize factor for the network (default: the segmenter's; 1 when it is 'auto')
+                    scale:float=None, # resize factor for the network (default: the segmenter's `first_scale`)
                    )->np.ndarray: # uint16 labels (uint32 beyond 65535 nuclei)
     "Instances of a large image segmented in overlapping windows, each nucleus kept whole by the window holding its centroid"
     a = read_image(img)
     st = stats or input_stats(a, self.mode)
-    f = ifnone(scale, 1.0 if self.scale == 'auto' else self.scale)
+    f = ifnone(scale, self.first_scale)
     window = window or max(margin, round(self.window/max(f, 1)))  # the network sees windows of at most `self.window`
     h,w = a.shape[:2]
     out,nxt = np.zeros((h,w), np.uint32),1
@@ -219,16 +224,20 @@ def _segment_at(self:Segmenter, a:np.ndarray, st:dict, f:float)->np.ndarray:
     return self.segment_scaled(a, st, f)
 
 @patch
+def _rescaled(self:Segmenter, a:np.ndarray, lbl:np.ndarray, st:dict)->np.ndarray:
+    "A first pass's labels `lbl` of image `a` as `segment` returns them: at `a`'s size, and redone when 'auto' picks a scale"
+    if lbl.shape != a.shape[:2]: lbl = resize_labels(lbl, a.shape[:2])
+    if self.scale != 'auto' or (f := self.auto_scale(lbl)) == 1: return lbl
+    return self._segment_at(a, st, f)
+
+@patch
 def segment(self:Segmenter, img, # image path, bytes or array
             stats:dict=None, # `input_stats` to prepare it with (default: measured on `img`)
            )->np.ndarray: # uint16 instance labels, the image's size
     "Instance label image of `img`"
     a = read_image(img)
     st = stats or input_stats(a, self.mode)
-    if self.scale != 'auto': return self._segment_at(a, st, self.scale)
-    lbl = self._segment_at(a, st, 1.0)
-    f = self.auto_scale(lbl)
-    return lbl if f == 1 else self._segment_at(a, st, f)
+    return self._rescaled(a, self._segment_at(a, st, self.first_scale), st)
 
 # %% ../nbs/06_inference.ipynb #e677a88d
 DSB_DIAMETERS = (13.4, 29.3)  # interquartile range of the DSB2018 training images' median nucleus diameters, in pixels
@@ -261,37 +270,29 @@ def close(self:Segmenter):
     self._pool = None
 
 @patch
-def _rescaled(self:Segmenter, a:np.ndarray, lbl:np.ndarray)->np.ndarray:
-    "A first pass's labels `lbl` of image `a` as `segment` would return them: at `a`'s size, and redone when 'auto' picks a scale"
-    if lbl.shape != a.shape[:2]: lbl = resize_labels(lbl, a.shape[:2])
-    if self.scale != 'auto' or (f := self.auto_scale(lbl)) == 1: return lbl
-    return self._segment_at(a, input_stats(a, self.mode), f)
-
-@patch
 def segment_many(self:Segmenter, imgs, # images (arrays, paths or bytes)
                  lookahead:int=None, # images read ahead to find same-size batches (default: 4*bs)
                 ):
     "Yield the instance label image of every image in `imgs`, in order, predicting same-size images in batches"
     it,look,res = iter(imgs),ifnone(lookahead, 4*max(self.bs, 1)),[]
-    f0 = 1.0 if self.scale == 'auto' else self.scale  # 'auto': a first pass at the images' own size
     pool = self.pool
     try:
         while chunk := [read_image(o) for o in itertools.islice(it, look)]:
             res,groups,whole = [None]*len(chunk),{},set()
-            xs = [zoom_image(a, f0) for a in chunk]
+            xs,sts = [zoom_image(a, self.first_scale) for a in chunk],[input_stats(a, self.mode) for a in chunk]
             for i,(a,x) in enumerate(zip(chunk, xs)):
                 big = x.shape[0]>self.tile or x.shape[1]>self.tile
-                if big: res[i] = self.segment(a); whole.add(i)
+                if big: res[i] = self.segment(a, sts[i]); whole.add(i)
                 else: groups.setdefault(x.shape, []).append(i)
             for idxs in groups.values():
                 for b in range(0, len(idxs), max(self.bs, 1)):
                     part = idxs[b:b+max(self.bs, 1)]
-                    probs = self._probs(np.stack([self.prepare(xs[i], input_stats(chunk[i], self.mode)) for i in part]))
+                    probs = self._probs(np.stack([self.prepare(xs[i], sts[i]) for i in part]))
                     for i,p in zip(part, probs):
                         res[i] = pool.submit(probs_to_instances, p, **self.post) if pool else self.extract(p)
             for i,(a,r) in enumerate(zip(chunk, res)):
                 lbl = r.result() if hasattr(r, 'result') else r
-                if i not in whole: lbl = self._rescaled(a, lbl)
+                if i not in whole: lbl = self._rescaled(a, lbl, sts[i])
                 yield lbl
     finally:  # stopped early: drop the extractions not started
         for r in res:
