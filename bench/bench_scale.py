@@ -24,13 +24,10 @@ def magnified(valid:pd.DataFrame, m:float):
 
 def run(seg, valid, m, mix)->tuple:
     "Scores of `seg` on the validation images magnified by `m`: a summary row and the per-image table"
-    rows, dt, chosen = [], 0., []
-    seg.auto_scale = lambda lbl: chosen.append(type(seg).auto_scale(seg, lbl)) or chosen[-1]   # records the factor 'auto' picks
+    rows, dt = [], 0.
     for iid, mod, img, lbl in magnified(valid, m):
-        chosen.clear()
         t = time.perf_counter(); pred = seg.segment(img); dt += time.perf_counter() - t
-        rows.append(dict(image_id=iid, modality=mod, dsb=image_report(lbl, pred)['score'], factor=chosen[0] if chosen else seg.scale))
-    del seg.auto_scale
+        rows.append(dict(image_id=iid, modality=mod, dsb=image_report(lbl, pred)['score'], factor=seg.last_scale))
     df = pd.DataFrame(rows)
     ms = modality_scores(df, mix).dsb
     resized = df.factor != 1

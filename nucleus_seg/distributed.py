@@ -123,7 +123,7 @@ def _segment_files(name, recs:list, dest, overlays, tables, planes, rles)->tuple
     many = getattr(seg, 'segment_many', None) or (lambda xs: map(seg.segment, xs))
     for (r,img),lbl in zip(pairs, many(o[1] for o in imgs)):
         if dest is not None: _write_outputs(Path(dest), r.image_id, img, lbl, overlays, tables)
-        rows.append(_row(r.image_id, lbl, rles=label_to_rles(lbl) if rles else None, resumed=False))
+        rows.append(_row(r.image_id, lbl, rles=label_to_rles(lbl) if rles else None, scale=getattr(seg, 'last_scale', None), resumed=False))
     rows += [_row(f['image_id'], error=f['error'], resumed=False) for f in failed]
     per = (time.perf_counter()-t0)/max(len(recs), 1)
     return [dict(o, worker=worker, seconds=per) for o in rows],notes
@@ -198,7 +198,7 @@ def segment_collection(src, # images: anything `image_items` takes (paths the wo
                 yield o
     with _connected(client) as c:
         rows = list(progress(results(c, register_segmenter(c, model, **kwargs)), total=len(recs), desc='segmenting', show=o['show_progress']))
-    df = pd.DataFrame(rows, columns=['image_id','status','height','width','n_nuclei','error','resumed','worker','seconds'])
+    df = pd.DataFrame(rows, columns=['image_id','status','height','width','n_nuclei','scale','error','resumed','worker','seconds'])
     df = df.sort_values('image_id', key=lambda s: s.map(order), kind='stable').reset_index(drop=True)
     if submission is not None: write_submission({i: rles[i] or [] for i in df.image_id[df.status=='ok']}, submission)
     if dest is not None:

@@ -72,6 +72,7 @@ class Segmenter:
         self.model = self.model.to(memory_format=torch.channels_last)  # faster on a CPU too (oneDNN), same results
         if compile: compile_unet(self.model, **({} if compile is True else dict(backend=compile)))
         self.name = name or f"{config.get('arch', 'U-Net')} model"
+        self.last_scale = None  # the factor the last image `segment` or `segment_many` gave was segmented at
 
     @property
     def first_scale(self)->float:
@@ -227,14 +228,14 @@ def _segment_at(self:Segmenter, a:np.ndarray, st:dict, f:float)->np.ndarray:
 def _rescaled(self:Segmenter, a:np.ndarray, lbl:np.ndarray, st:dict)->np.ndarray:
     "A first pass's labels `lbl` of image `a` as `segment` returns them: at `a`'s size, and redone when 'auto' picks a scale"
     if lbl.shape != a.shape[:2]: lbl = resize_labels(lbl, a.shape[:2])
-    if self.scale != 'auto' or (f := self.auto_scale(lbl)) == 1: return lbl
-    return self._segment_at(a, st, f)
+    self.last_scale = f = self.auto_scale(lbl) if self.scale == 'auto' else self.scale
+    return lbl if f == self.first_scale else self._segment_at(a, st, f)
 
 @patch
 def segment(self:Segmenter, img, # image path, bytes or array
             stats:dict=None, # `input_stats` to prepare it with (default: measured on `img`)
            )->np.ndarray: # uint16 instance labels, the image's size
-    "Instance label image of `img`"
+    "Instance label image of `img`; `last_scale` is then the factor it was segmented at"
     a = read_image(img)
     st = stats or input_stats(a, self.mode)
     return self._rescaled(a, self._segment_at(a, st, self.first_scale), st)
@@ -243,11 +244,16 @@ def segment(self:Segmenter, img, # image path, bytes or array
 DSB_DIAMETERS = (13.4, 29.3)  # interquartile range of the DSB2018 training images' median nucleus diameters, in pixels
 AUTO_MIN_CHANGE = 1.25  # 'auto' resizes only by more than this factor, either way
 
+@patch(as_prop=True)
+def diameters(self:Segmenter)->tuple:
+    "The median nucleus diameters 'auto' aims for: the range the model file records (`train_nucleus`), else `DSB_DIAMETERS`"
+    return tuple(self.config.get('diameters') or DSB_DIAMETERS)
+
 @patch
 def auto_scale(self:Segmenter, lbl:np.ndarray, # labels of a first pass at the image's own size
               )->float: # resize factor, from 1/4 to 4; 1 when no clear change is needed, or there are no nuclei
-    "The factor that brings the median nucleus of `lbl` to the nearer end of `DSB_DIAMETERS`, when it changes the size by more than `AUTO_MIN_CHANGE`"
-    d,(lo,hi) = nucleus_diameter(lbl),DSB_DIAMETERS
+    "The factor that brings the median nucleus of `lbl` to the nearer end of `diameters`, when it changes the size by more than `AUTO_MIN_CHANGE`"
+    d,(lo,hi) = nucleus_diameter(lbl),self.diameters
     if not d > 0 or lo <= d <= hi: return 1.0
     f = float(np.clip((lo if d < lo else hi)/d, 1/4, 4))
     return f if max(f, 1/f) > AUTO_MIN_CHANGE else 1.0
@@ -273,16 +279,16 @@ def close(self:Segmenter):
 def segment_many(self:Segmenter, imgs, # images (arrays, paths or bytes)
                  lookahead:int=None, # images read ahead to find same-size batches (default: 4*bs)
                 ):
-    "Yield the instance label image of every image in `imgs`, in order, predicting same-size images in batches"
+    "Yield the instance label image of every image in `imgs`, in order, predicting same-size images in batches; `last_scale` follows each"
     it,look,res = iter(imgs),ifnone(lookahead, 4*max(self.bs, 1)),[]
     pool = self.pool
     try:
         while chunk := [read_image(o) for o in itertools.islice(it, look)]:
-            res,groups,whole = [None]*len(chunk),{},set()
+            res,groups,whole = [None]*len(chunk),{},{}
             xs,sts = [zoom_image(a, self.first_scale) for a in chunk],[input_stats(a, self.mode) for a in chunk]
             for i,(a,x) in enumerate(zip(chunk, xs)):
                 big = x.shape[0]>self.tile or x.shape[1]>self.tile
-                if big: res[i] = self.segment(a, sts[i]); whole.add(i)
+                if big: res[i] = self.segment(a, sts[i]); whole[i] = self.last_scale
                 else: groups.setdefault(x.shape, []).append(i)
             for idxs in groups.values():
                 for b in range(0, len(idxs), max(self.bs, 1)):
@@ -291,8 +297,8 @@ def segment_many(self:Segmenter, imgs, # images (arrays, paths or bytes)
                     for i,p in zip(part, probs):
                         res[i] = pool.submit(probs_to_instances, p, **self.post) if pool else self.extract(p)
             for i,(a,r) in enumerate(zip(chunk, res)):
-                lbl = r.result() if hasattr(r, 'result') else r
-                if i not in whole: lbl = self._rescaled(a, lbl, sts[i])
+                if i in whole: lbl,self.last_scale = r,whole[i]
+                else: lbl = self._rescaled(a, r.result() if hasattr(r, 'result') else r, sts[i])
                 yield lbl
     finally:  # stopped early: drop the extractions not started
         for r in res:
@@ -390,7 +396,7 @@ def segment_folder(seg, # a segmenter (`segment_many`, or `segment(img) -> label
                    report=None, # `report(image_id, message)` for skipped files and notes (default: a warning)
                    show_progress:bool=True, # progress bar, or plain lines in logs (see `progress`)
                    client=None, # a Dask `Client`, scheduler address or 'local': spread the files over its workers (`segment_collection`, the `dask` extra)
-                  )->pd.DataFrame: # one row per image: `image_id`, `status`, `height`, `width`, `n_nuclei`, `error`
+                  )->pd.DataFrame: # one row per image: `image_id`, `status`, `height`, `width`, `n_nuclei`, `scale` (see `last_scale`), `error`
     "Segment every image of `src`, writing each one's outputs to `dest` as it is done; unreadable files are skipped"
     if client is not None:
         from .distributed import segment_collection
@@ -406,13 +412,14 @@ def segment_folder(seg, # a segmenter (`segment_many`, or `segment(img) -> label
             save_label(lbl, dest/'labels'/f'{r.image_id}.png')
             if overlays: save_image(outline_overlay(img, lbl), dest/'overlays'/f'{r.image_id}.png')
             if tables: atomic_write(dest/'nuclei'/f'{r.image_id}.csv', lambda t: nucleus_table(lbl).to_csv(t, index=False))
-        rows.append(dict(image_id=r.image_id, status='ok', height=lbl.shape[0], width=lbl.shape[1], n_nuclei=int(lbl.max()), error=''))
+        rows.append(dict(image_id=r.image_id, status='ok', height=lbl.shape[0], width=lbl.shape[1], n_nuclei=int(lbl.max()),
+                         scale=getattr(seg, 'last_scale', None), error=''))
     if submission is not None: write_submission(preds, submission)
     rows += [dict(image_id=f['image_id'], status='failed', error=f['error']) for f in failed]
     if dest is not None and failed:
         atomic_write(dest/'failures.csv', lambda t: pd.DataFrame(failed).to_csv(t, index=False))
     order = {k:i for i,k in enumerate(items.image_id)}
-    return pd.DataFrame(rows, columns=['image_id','status','height','width','n_nuclei','error']).sort_values(
+    return pd.DataFrame(rows, columns=['image_id','status','height','width','n_nuclei','scale','error']).sort_values(
         'image_id', key=lambda s: s.map(order), kind='stable').reset_index(drop=True)
 
 # %% ../nbs/06_inference.ipynb #94e33c93
@@ -443,7 +450,8 @@ def evaluate_model(seg, # a segmenter (`segment_many`, or `segment(img) -> label
         mod = getattr(r, 'modality', None)
         rows.append(dict(image_id=r.image_id, modality=mod if isinstance(mod, str) else image_modality(img),
                          height=img.shape[0], width=img.shape[1], n_true=rep['n_true'], n_pred=rep['n_pred'],
-                         tp=rep['tp'], split=len(rep['split']), merged=len(rep['merged']), dsb=rep['score']))
+                         tp=rep['tp'], split=len(rep['split']), merged=len(rep['merged']), dsb=rep['score'],
+                         scale=getattr(seg, 'last_scale', None)))
     df = pd.DataFrame(rows)
     df.attrs['failed'] = failed
     return (float(df.dsb.mean()) if len(df) else float('nan')),df

@@ -6,7 +6,8 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/instances.html.md"""
 
 # %% auto #0
 __all__ = ['remove_small_instances', 'fill_instance_holes', 'label_components', 'watershed_instances', 'probs_to_instances',
-           'target_to_instances', 'nucleus_diameter', 'resize_labels', 'outline_overlay', 'instance_pool']
+           'target_to_instances', 'nucleus_diameter', 'diameter_range', 'resize_labels', 'outline_overlay',
+           'instance_pool']
 
 # %% ../nbs/02_instances.ipynb #c3ec1dca
 import multiprocessing
@@ -140,6 +141,15 @@ def nucleus_diameter(label, # integer label image, 0 is background
     areas = np.bincount(np.asarray(label).ravel().astype(np.int64))[1:]
     areas = areas[areas > 0]
     return float(np.sqrt(4*np.median(areas)/np.pi)) if len(areas) else float('nan')
+
+def diameter_range(labels, # integer label images (an iterable), such as a model's training images
+                   q:tuple=(25, 75), # percentiles of the images' `nucleus_diameter`s
+                  )->list: # [low, high] in pixels
+    "The range of the images' median nucleus diameters (the interquartile range by default): the sizes a model trained on `labels` saw most."
+    d = np.array([nucleus_diameter(l) for l in labels])
+    d = d[np.isfinite(d)]
+    if not len(d): raise ValueError('no nuclei in any of the label images: their diameter range is undefined')
+    return np.percentile(d, q).round(1).tolist()
 
 # %% ../nbs/02_instances.ipynb #28897feb
 def resize_labels(label, # integer label image

@@ -23,9 +23,9 @@ from fastai.vision.all import (Callback, Metric, Learner, SaveModelCallback, Nor
 from fastai.vision.learner import create_body, _default_meta
 from fastai.vision.models import xresnet
 import nucleus_seg
-from .io import atomic_write, interactive
+from .io import atomic_write, interactive, read_label
 from .data import dsb_dataloaders, TARGET_CODES
-from .instances import instance_pool
+from .instances import instance_pool, diameter_range
 from .metrics import crop_score
 
 # %% ../nbs/05_learner.ipynb #dc495e0e
@@ -443,6 +443,13 @@ def _log_epoch(learn, vals):
     print(f"epoch {vals[0]+1}/{learn.n_epoch}  " + '  '.join(f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}"
                                                          for n,v in zip(names[1:], vals[1:])), flush=True)
 
+def _train_diameters(dls)->list:
+    "`diameter_range` of the training images' labels (what a segmenter's `scale='auto'` aims for); None without label files"
+    labels = getattr(dls.train_items, 'label', None)
+    if labels is None: return None
+    try: return diameter_range(read_label(f) for f in labels)
+    except ValueError: return None
+
 def _device_name(dev)->str:
     dev = torch.device(ifnone(dev, 'cpu'))
     return torch.cuda.get_device_name(dev) if dev.type=='cuda' else f'cpu ({os.cpu_count()} cores)'
@@ -520,6 +527,7 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
                     train_seconds=round(time.perf_counter()-t0, 1), train_img_per_s=timer.img_per_s, peak_gpu_gib=_peak_gpu_gib(dls.device),
                     best_crop_dsb=None if getattr(keep, 'best', best) in (None, -np.inf) else round(float(getattr(keep, 'best', best)), 4)),
         valid_ids=[str(o) for o in dls.valid_items.image_id] if hasattr(dls.valid_items, 'image_id') else None,
+        diameters=_train_diameters(dls),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), version=nucleus_seg.__version__)
     if model_file:
         fn = save_model(learn, path/model_file, learn.nucleus)

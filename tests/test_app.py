@@ -168,6 +168,28 @@ def test_api_refuses_large_bodies_before_buffering(client):
     assert len(received) == 1 + 16         # the head and 16 chunks of 64 KB pass 1 MB: nothing more was read
 
 
+def test_api_and_page_take_a_scale_for_segmenters_that_resize(client, few):
+    "`?scale=` and the page's scale box resize for this upload only; the baseline and bad factors are refused with a reason."
+    from nucleus_seg.inference import load_segmenter
+    raw = open(few.image[1], 'rb').read()
+    seg = load_segmenter(device='cpu', tta=False)
+    half = load_segmenter(device='cpu', tta=False, scale=0.5).segment(read_image(raw))
+    with TestClient(api_app(seg)) as c:
+        r = c.post('/segment?scale=0.5', files={'f': ('x.png', raw)}).json()['results'][0]
+        assert r['scale'] == 0.5 and len(r['rle']) == int(half.max())
+        assert c.post('/segment', files={'f': ('x.png', raw)}).json()['results'][0]['scale'] == 1.0 and seg.scale == 1.0
+        bad = c.post('/segment?scale=0', files={'f': ('x.png', raw)})
+        assert bad.status_code == 400 and "scale must be 'auto' or a number" in bad.json()['error']
+    r = client.post('/segment?scale=2', files={'f': ('x.png', raw)})
+    assert r.status_code == 400 and r.json()['error'].startswith('scale refused: this segmenter does not resize images (classical baseline')
+    a = NucleusApp(seg)
+    a.scale.value = 'auto'
+    res, = a.process([dict(name='x.png', content=raw)])
+    seg.scale = 'auto'; ref = seg.segment(read_image(raw)); seg.scale = 1.0
+    assert (res.label == ref).all() and res.scale == seg.last_scale
+    assert NucleusApp(ClassicalSegmenter()).scale is None
+
+
 class _Gauge:
     "Counts calls in progress and the most seen at once."
     def __init__(self): self.now,self.most,self.lock = 0,0,threading.Lock()

@@ -27,7 +27,9 @@ def run(*args, env=None, timeout=300):
 def popen(*args, env=None):
     cmd = [EXE] if EXE else [sys.executable, '-c', 'import sys; from nucleus_seg.cli import main; sys.exit(main())']
     env = {**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}
-    return subprocess.Popen(cmd + [str(a) for a in args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl+C's default for the command even when the tests run in the background (`cmd &` ignores SIGINT, and children inherit that)
+    return subprocess.Popen(cmd + [str(a) for a in args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def one_line_error(err:str) -> str:
@@ -271,11 +273,16 @@ def test_predict_with_tta_and_tiles(cli_model, sample_images, tmp_path, capsys):
         assert main(['predict', str(sample_images), '--model', model, '--out', str(dest), '--cpu', *args]) == 0
         seg = load_segmenter(model, device='cpu', **kw)
         assert seg.tta == kw['tta'] and (seg.tile == 96) == ('tile' in kw) and seg.scale == kw.get('scale', 1.0)
-        for f in imgs: np.testing.assert_array_equal(read_label(dest/'labels'/f.name), seg.segment(f), err_msg=str(args))
+        factors = []
+        for f in imgs:
+            np.testing.assert_array_equal(read_label(dest/'labels'/f.name), seg.segment(f), err_msg=str(args))
+            factors.append(seg.last_scale)
+        if kw.get('scale') == 'auto': auto_factors = factors
         assert validate_submission(dest/'submission.csv', {f.stem: read_image(f).shape[:2] for f in imgs})['n_images'] == len(imgs)
         assert sorted(p.name for p in dest.iterdir()) == ['labels', 'nuclei', 'overlays', 'submission.csv']
     err = capsys.readouterr().err
     assert 'using the model model.safetensors' in err and 'on cpu' in err
+    assert err.count("scale 'auto' resized") == 1 and f"resized {sum(f != 1 for f in auto_factors)} of {len(imgs)} image(s)" in err
 
 
 def test_predict_bundled_model_and_skipped_files(sample_images, tmp_path, capsys):
@@ -346,3 +353,21 @@ def test_real_data_end_to_end(dsb_data, tmp_path, capsys, monkeypatch):
     assert len(pd.read_csv(tmp_path/'scores.csv')) == 2
     assert main(['submit', '--model', model, '--out', str(tmp_path/'submission.csv'), '--n-items', '2', '--cpu']) == 0
     assert validate_submission(tmp_path/'submission.csv', test_df.iloc[:2])['n_images'] == 2
+
+
+def test_info_describes_a_model_file(cli_model, tmp_path, capsys):
+    "`info` names the network, the recipe, the scores and the sizes 'auto' aims for; --json is the file's configuration."
+    import json
+    from nucleus_seg.learner import read_model
+    model = str(cli_model[0]/'model.safetensors')
+    cfg = read_model(model)[1]
+    assert main(['info', model]) == 0
+    out = capsys.readouterr().out
+    lo, hi = cfg['diameters']
+    assert out.startswith('model.safetensors: ') and 'compact U-Net (xresnet18, widen 0.25)' in out
+    assert f"{cfg['recipe']['epochs']} epochs at lr {cfg['recipe']['lr']}" in out and f'{lo:g}-{hi:g} px (its training images)' in out
+    assert f"DSB {cfg['scores']['valid_dsb']:.3f} on {cfg['scores']['n_valid']} images" in out
+    assert main(['info', model, '--json']) == 0 and json.loads(capsys.readouterr().out) == cfg
+    assert main(['info']) == 0 and "the file records none" in capsys.readouterr().out   # the bundled model
+    (tmp_path/'x.pkl').write_bytes(b'\x80\x04junk')
+    assert main(['info', str(tmp_path/'x.pkl')]) == 1 and 'a Python pickle' in capsys.readouterr().err

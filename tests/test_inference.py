@@ -9,7 +9,7 @@ import shutil, zipfile
 
 import numpy as np, pandas as pd, pytest, torch, torch.nn as nn
 
-from nucleus_seg.io import DSBDataError, read_image, read_label, save_image
+from nucleus_seg.io import DSBDataError, read_image, read_label, save_image, save_label
 from nucleus_seg.learner import unet_model, save_model, load_model, read_model
 from nucleus_seg.metrics import dsb_score, image_report
 from nucleus_seg.rle import write_submission, validate_submission
@@ -244,6 +244,18 @@ def test_auto_scale_segments_once_in_range_and_twice_outside(monkeypatch):
     calls.clear(); out = seg.segment(big)
     assert calls == [1.0, f] and f < 0.5
     assert out.shape == big.shape[:2] and dsb_score(big_lbl, out) > 0.9
+    assert seg.last_scale == f
+    seg.segment(small); assert seg.last_scale == 1.0
+
+
+def test_auto_scale_aims_for_the_range_the_model_file_records():
+    "A model trained on larger nuclei records their range; 'auto' aims for it, not for DSB2018's."
+    disc = disks((400, 400), [(200, 200)], [20])   # 40 pixels across: above DSB2018's range, inside 30-60
+    dsb = Segmenter(ThresholdNet(), model_config(), device='cpu')
+    own = Segmenter(ThresholdNet(), {**model_config(), 'diameters': [30.0, 60.0]}, device='cpu')
+    assert dsb.diameters == DSB_DIAMETERS and own.diameters == (30.0, 60.0)
+    assert dsb.auto_scale(disc) == pytest.approx(DSB_DIAMETERS[1]/nucleus_diameter(disc)) and own.auto_scale(disc) == 1.0
+    assert own.auto_scale(disks((400, 400), [(200, 200)], [8])) == pytest.approx(30/nucleus_diameter(disks((400, 400), [(200, 200)], [8])))
 
 
 @pytest.mark.parametrize('scale', ['auto', 0.6])
@@ -253,7 +265,11 @@ def test_segment_many_equals_segment_with_scale(random_model, scale):
     shapes = [(64, 64), (64, 96), (64, 64), (200, 140)]
     imgs = [fake_image(random_label(s, 5, rng), seed=i) for i, s in enumerate(shapes)]
     imgs.append(fake_image(disks((120, 120), [(60, 60)], [45]), seed=9))   # one large nucleus: 'auto' shrinks it
-    for a, b in zip([seg.segment(a) for a in imgs], seg.segment_many(imgs)): np.testing.assert_array_equal(a, b)
+    singles = [(seg.segment(a), seg.last_scale) for a in imgs]
+    for (a, f), b in zip(singles, seg.segment_many(imgs)):
+        np.testing.assert_array_equal(a, b); assert seg.last_scale == f   # `last_scale` follows each image yielded
+    fs = [f for _, f in singles]
+    assert fs == [scale]*len(imgs) if scale != 'auto' else all(f == 1 or 1/4 <= f <= 1/AUTO_MIN_CHANGE or AUTO_MIN_CHANGE <= f <= 4 for f in fs), fs
 
 
 @pytest.mark.parametrize('bad', [0, 1/9, 9, 'big', None, '2x'])
@@ -328,6 +344,25 @@ def test_segment_folder_outputs_and_skips(tmp_path):
     assert validate_submission(tmp_path/'out'/'sub.csv', {k: l.shape for k, l in labels.items()}) == \
         dict(n_images=3, n_nuclei=sum(int(l.max()) for l in labels.values()))
 
+
+
+def test_segment_folder_and_evaluate_record_each_images_scale(tmp_path):
+    "With scale='auto' the tables give the factor each image was segmented at: 1 for DSB-sized nuclei, less for large ones."
+    src = tmp_path/'src'; src.mkdir()
+    lbls = {'grid': grid_label((96, 128)), 'big': disks((300, 300), [(80, 80), (80, 220), (220, 150)], [40, 40, 40])}
+    for k, l in lbls.items(): save_image(fake_image(l, seed=5), src/f'{k}.png')
+    seg = Segmenter(ThresholdNet(), model_config(), tta=False, device='cpu', scale='auto')
+    want = {}
+    for k in lbls: seg.segment(src/f'{k}.png'); want[k] = seg.last_scale
+    assert want['grid'] == 1.0 and want['big'] < 0.5
+    res = segment_folder(seg, src, show_progress=False)
+    assert res.set_index('image_id').scale.to_dict() == want
+    items = pd.DataFrame(dict(image_id=list(lbls), image=[src/f'{k}.png' for k in lbls]))
+    for k, l in lbls.items(): save_label(l, tmp_path/f'{k}_label.png')
+    _, table = evaluate_model(seg, items.assign(label=[tmp_path/f'{k}_label.png' for k in lbls]), show_progress=False)
+    assert table.set_index('image_id').scale.to_dict() == want
+    _, oracle = evaluate_model(Oracle({src/f'{k}.png': l for k, l in lbls.items()}), items.assign(label=[tmp_path/f'{k}_label.png' for k in lbls]), show_progress=False)
+    assert oracle.scale.isna().all()   # a segmenter without a scale has none to report
 
 # ---------- evaluation ----------
 class Oracle:
