@@ -25,10 +25,22 @@ def _positive(**kw):
         if v is not None and v<=0: raise CliError(f"--{k.replace('_','-')} must be positive, got {v}")
 
 def _segmenter(model=None, cpu=False, **kwargs):
-    "The segmenter of model file `model`, or the bundled model; says which"
-    from nucleus_seg.inference import load_segmenter
-    seg = load_segmenter(model, device='cpu' if cpu else None, **{k:v for k,v in kwargs.items() if v is not None})
+    "The segmenter of model file `model`, or the bundled model; says which (`scale='folder'` loads it at 1, for `_measured`)"
+    from nucleus_seg.inference import load_segmenter, check_scale
+    if (s := kwargs.get('scale')) not in (None, 'folder'):
+        try: check_scale(s)
+        except ValueError: raise CliError(f"--scale must be 'auto', 'folder' or a number from 1/8 to 8, not {s!r}") from None
+    kwargs = {k:v for k,v in kwargs.items() if v is not None and not (k == 'scale' and v == 'folder')}
+    seg = load_segmenter(model, device='cpu' if cpu else None, **kwargs)
     say(f"using the {seg.name} on {seg.device.type}")
+    return seg
+
+def _measured(seg, scale, images):
+    "`seg`, with `--scale folder` resolved: one factor for all of `images`, measured on up to 16 of them (`measure_scale`), said"
+    if scale != 'folder': return seg
+    images = list(images)
+    seg.scale = seg.measure_scale(images)
+    say(f"scale 'folder': {seg.scale:.2f} for every image (measured on {min(16, len(images))} of {len(images)})")
     return seg
 
 def _report(image_id, msg): say(msg)
@@ -153,7 +165,7 @@ def predict(src:str, # an image file or a folder of images (searched recursively
             planes:str='auto', # multi-plane TIFFs: auto, channels, or z (maximum projection of a z-stack)
             cpu:store_true=False, # use the CPU even when a GPU is present
             bf16:bool_arg=None, # predict in bfloat16 (default: on a GPU; faster on CPUs with native bfloat16, such as AMX)
-            scale:str=None, # resize images by this factor before the network (0.5: nuclei twice DSB2018's size), or 'auto' to choose per image
+            scale:str=None, # resize images by this factor before the network (0.5: nuclei twice DSB2018's size); 'auto': chosen per image; 'folder': one factor, measured on 16 of the images
             scheduler:str=None, # spread the files over a Dask cluster: 'local' (one worker per core) or a scheduler address; files already done are skipped
            ):
     "Segment images: label images, overlays, nucleus tables and an RLE CSV in OUT"
@@ -161,10 +173,11 @@ def predict(src:str, # an image file or a folder of images (searched recursively
     from nucleus_seg.io import PLANE_MODES
     if planes not in PLANE_MODES: raise CliError(f"unknown --planes {planes!r} (choose from {', '.join(PLANE_MODES)})")
     kw = dict(overlays=overlays, planes=planes, submission=Path(out)/'submission.csv', report=_report)
+    from nucleus_seg.inference import segment_folder, image_items
+    seg = None if scheduler and scale != 'folder' else _segmenter(model, cpu, tta=tta, tile=tile, bf16=bf16, scale=scale)
+    if scale == 'folder': scale = _measured(seg, scale, image_items(src).image).scale   # the workers get the factor
     if scheduler: df = _predict_dask(src, out, scheduler, model, cpu, tta=tta, tile=tile, bf16=bf16, scale=scale, **kw)
-    else:
-        from nucleus_seg.inference import segment_folder
-        df = segment_folder(_segmenter(model, cpu, tta=tta, tile=tile, bf16=bf16, scale=scale), src, out, **kw)
+    else: df = segment_folder(seg, src, out, **kw)
     ok = df[df.status=='ok']
     _say_auto(ok.scale, scale)
     print(f"{len(ok)} images, {int(ok.n_nuclei.sum())} nuclei -> {out}")
@@ -181,7 +194,7 @@ def evaluate(src:Annotated[str, dict(opt=False, nargs='?')]=None, # labelled ima
              tile:int=1024, # images larger than this are predicted in overlapping tiles
              cpu:store_true=False, # use the CPU even when a GPU is present
              bf16:bool_arg=None, # predict in bfloat16 (default: on a GPU; faster on CPUs with native bfloat16, such as AMX)
-             scale:str=None, # resize images by this factor before the network (0.5: nuclei twice DSB2018's size), or 'auto' to choose per image
+             scale:str=None, # resize images by this factor before the network (0.5: nuclei twice DSB2018's size); 'auto': chosen per image; 'folder': one factor, measured on 16 of the images
             ):
     "Dataset DSB score of a model on labelled images, per modality and re-weighted to the test mix, and a per-image table"
     _positive(n_items=n_items, tile=tile)
@@ -190,6 +203,7 @@ def evaluate(src:Annotated[str, dict(opt=False, nargs='?')]=None, # labelled ima
     seg = _segmenter(model, cpu, tta=tta, tile=tile, bf16=bf16, scale=scale)
     items = image_items(src) if src else _valid_items(model)
     if n_items: items = items.iloc[:n_items]
+    seg = _measured(seg, scale, items.image)
     score,df = evaluate_model(seg, items, solution=solution, report=_report)
     try: mix = test_mix()
     except Exception: mix = None
@@ -209,7 +223,7 @@ def submit(model:str=None, # model file (default: the bundled model)
            tta:bool_arg=None, # average the four flips (default: the model's setting)
            cpu:store_true=False, # use the CPU even when a GPU is present
            bf16:bool_arg=None, # predict in bfloat16 (default: on a GPU; faster on CPUs with native bfloat16, such as AMX)
-           scale:str=None, # resize images by this factor before the network (0.5: nuclei twice DSB2018's size), or 'auto' to choose per image
+           scale:str=None, # resize images by this factor before the network (0.5: nuclei twice DSB2018's size); 'auto': chosen per image; 'folder': one factor, measured on 16 of the images
           ):
     "Write and validate the Kaggle submission CSV for the stage-1 test images"
     _positive(n_items=n_items)
@@ -220,6 +234,7 @@ def submit(model:str=None, # model file (default: the bundled model)
     seg = _segmenter(model, cpu, tta=tta, bf16=bf16, scale=scale)
     items = prepare_dsb(data, split='test', cache=cache)
     if n_items: items = items.iloc[:n_items]
+    seg = _measured(seg, scale, items.image)
     t0 = time.perf_counter()
     df = segment_folder(seg, items, submission=out, report=_report)
     res = validate_submission(out, items[items.image_id.isin(df.image_id[df.status=='ok'])])

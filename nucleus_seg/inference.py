@@ -304,6 +304,22 @@ def segment_many(self:Segmenter, imgs, # images (arrays, paths or bytes)
         for r in res:
             if hasattr(r, 'cancel'): r.cancel()
 
+# %% ../nbs/06_inference.ipynb #d733cd9b
+@patch
+def measure_scale(self:Segmenter, imgs, # images from one microscope (paths, bytes or arrays); unreadable ones are passed over
+                  n:int=16, # segment at most this many, evenly spread over `imgs`
+                 )->float: # resize factor for all of `imgs`, from 1/4 to 4; 1 when no clear change is needed, or no nuclei are found
+    "One factor for a collection: the median nucleus diameter of up to `n` of `imgs` at their own size, brought to the middle of `diameters`"
+    imgs,ds = list(imgs),[]
+    for i in np.unique(np.linspace(0, len(imgs)-1, min(n, len(imgs))).round().astype(int)):
+        try: a = read_image(imgs[i])
+        except DSBDataError: continue
+        ds.append(nucleus_diameter(self._segment_at(a, input_stats(a, self.mode), 1.0)))
+    d,(lo,hi) = np.nanmedian(ds) if np.isfinite(ds).any() else np.nan,self.diameters
+    if not d > 0: return 1.0
+    f = float(np.clip(np.sqrt(lo*hi)/d, 1/4, 4))
+    return f if max(f, 1/f) > AUTO_MIN_CHANGE else 1.0
+
 # %% ../nbs/06_inference.ipynb #4ede78ea
 def classical_probs(img, # uint8 image, grey or RGB, any modality
                     sigma:float=1.0, # Gaussian smoothing before thresholding, in pixels

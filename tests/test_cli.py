@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest
 
 from nucleus_seg.cli import main, COMMANDS, command_parser
-from nucleus_seg.io import read_image, read_label
+from nucleus_seg.io import read_image, read_label, save_image
 from nucleus_seg.rle import write_submission, validate_submission
 
 EXE = shutil.which('nucleus-seg')
@@ -108,8 +108,9 @@ def test_app_is_registered():
     (['submit', '--n-items', '0'], 1, '--n-items must be positive'),
     (['tune', 'model.safetensors', '--n-workers', '0'], 1, '--n-workers must be positive'),
     (['predict', '.', '--planes', 'time'], 1, "unknown --planes 'time'"),
-    (['predict', '.', '--scale', 'big'], 1, "scale must be 'auto' or a number from 1/8 to 8, not 'big'"),
-    (['evaluate', '.', '--scale', '0'], 1, "scale must be 'auto' or a number from 1/8 to 8, not '0'"),
+    (['predict', '.', '--scale', 'big'], 1, "--scale must be 'auto', 'folder' or a number from 1/8 to 8, not 'big'"),
+    (['evaluate', '.', '--scale', '0'], 1, "--scale must be 'auto', 'folder' or a number from 1/8 to 8, not '0'"),
+    (['submit', '--scale', 'everything'], 1, "--scale must be 'auto', 'folder' or a number from 1/8 to 8, not 'everything'"),
     (['predict', '.', '--model', 'missing.safetensors'], 1, 'model file not found: missing.safetensors'),
     (['prepare', '--data', '/nonexistent/dsb'], 1, '/nonexistent/dsb: data folder does not exist'),
 ])
@@ -371,3 +372,19 @@ def test_info_describes_a_model_file(cli_model, tmp_path, capsys):
     assert main(['info']) == 0 and "the file records none" in capsys.readouterr().out   # the bundled model
     (tmp_path/'x.pkl').write_bytes(b'\x80\x04junk')
     assert main(['info', str(tmp_path/'x.pkl')]) == 1 and 'a Python pickle' in capsys.readouterr().err
+
+
+def test_predict_scale_folder_measures_one_factor_for_all(tmp_path, capsys):
+    "`--scale folder`: the factor `measure_scale` gives on the folder's images, said once and used for every image."
+    from nucleus_seg.inference import load_segmenter
+    from synthetic import fake_image, grid_label
+    src = tmp_path/'small'; src.mkdir()
+    for i in range(3):   # nuclei 10 pixels across, half DSB2018's typical size
+        save_image(fake_image(grid_label((120, 160), radius=5, step=20, seed=i), seed=i), src/f'img{i}.png')
+    imgs = sorted(src.iterdir())
+    f = load_segmenter(device='cpu').measure_scale(imgs)
+    assert 1.7 < f < 2.2, f
+    assert main(['predict', str(src), '--out', str(tmp_path/'out'), '--cpu', '--scale', 'folder']) == 0
+    assert f"scale 'folder': {f:.2f} for every image (measured on 3 of 3)" in capsys.readouterr().err
+    seg = load_segmenter(device='cpu', scale=f)
+    for p in imgs: np.testing.assert_array_equal(read_label(tmp_path/'out'/'labels'/p.name), seg.segment(p))

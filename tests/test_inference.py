@@ -258,6 +258,23 @@ def test_auto_scale_aims_for_the_range_the_model_file_records():
     assert own.auto_scale(disks((400, 400), [(200, 200)], [8])) == pytest.approx(30/nucleus_diameter(disks((400, 400), [(200, 200)], [8])))
 
 
+def test_measure_scale_brings_a_collections_median_to_the_middle_of_the_range(monkeypatch):
+    "One factor from the median of up to n images' median diameters (evenly spread, unreadable ones passed over), to the geometric middle of `diameters`."
+    seg = Segmenter(ThresholdNet(), model_config(), tta=False, device='cpu', min_size=5)
+    small = [fake_image(grid_label((96, 128), radius=5, seed=i), seed=i) for i in range(3)]    # 10 pixels across: ThresholdNet finds them exactly
+    mid = float(np.sqrt(DSB_DIAMETERS[0]*DSB_DIAMETERS[1]))
+    assert seg.measure_scale(small) == pytest.approx(mid/nucleus_diameter(grid_label((96, 128), radius=5)))
+    assert seg.measure_scale([b'broken'] + small) == seg.measure_scale(small)               # passed over
+    assert seg.measure_scale([fake_image(grid_label((96, 128), radius=9), seed=1)]) == 1.0  # 18 px: near the middle, left alone
+    own = Segmenter(ThresholdNet(), model_config(diameters=[5.0, 20.0]), tta=False, device='cpu', min_size=5)
+    assert own.measure_scale(small) == 1.0                                                    # the model's own range: 10 px is its middle
+    seen = []
+    monkeypatch.setattr(Segmenter, '_segment_at', lambda self, a, st, f: seen.append((a.shape, f)) or np.zeros(a.shape[:2], np.uint16))
+    imgs = [np.full((8+i, 8, 3), 255, np.uint8) for i in range(40)]
+    assert seg.measure_scale(imgs, n=5) == 1.0                                               # no nuclei: left alone
+    assert [s[0][0] for s in seen] == [8, 18, 28, 37, 47] and {s[1] for s in seen} == {1.0}  # 5 of 40, evenly spread, at their own size
+
+
 @pytest.mark.parametrize('scale', ['auto', 0.6])
 def test_segment_many_equals_segment_with_scale(random_model, scale):
     seg = load_segmenter(random_model, device='cpu', tta=False, bs=2, tile=96, overlap=32, scale=scale)
