@@ -14,7 +14,7 @@ from nucleus_seg.data import prepare_dsb
 from nucleus_seg.io import read_image, read_label, zoom_image
 from nucleus_seg.instances import resize_labels
 from nucleus_seg.metrics import image_report
-from nucleus_seg.inference import load_segmenter, modality_scores, test_mix
+from nucleus_seg.inference import load_segmenter, modality_scores, test_mix, spread
 from bench_speed import device_tag
 
 def magnified(valid:pd.DataFrame, m:float):
@@ -37,10 +37,6 @@ def run(seg, valid, m, mix)->tuple:
                 **{k: round(float(v), 4) for k, v in ms.items()}, n_resized=int(resized.sum()),
                 median_factor=round(float(df.factor[resized].median()), 3) if resized.any() else None), df
 
-def sample(n:int, k:int=16)->np.ndarray:
-    "The rows `measure_scale` segments: `k` of `n`, evenly spread"
-    return np.unique(np.linspace(0, n-1, min(k, n)).round().astype(int))
-
 def report(df:pd.DataFrame, dev:str, n:int)->str:
     "The results as the markdown file beside the JSON"
     return (f'# The bundled model at other magnifications ({dev}, {n} validation images)\n\n'
@@ -62,7 +58,7 @@ def main():
         for s in dict.fromkeys(x if x in ('auto', 'folder') else 1/m if x == '1/m' else float(x) for x in a.scales.split(',')):
             t = time.perf_counter()
             seg.scale = 1.0 if s == 'folder' else s
-            if s == 'folder': seg.scale = seg.measure_scale([img for _, _, img, _ in magnified(valid.iloc[sample(len(valid))], m)])
+            if s == 'folder': seg.scale = seg.measure_scale([img for _, _, img, _ in magnified(valid.iloc[spread(len(valid), 16)], m)])
             took = time.perf_counter() - t
             row, _ = run(seg, valid, m, mix)
             if s == 'folder': row.update(scale='folder', seconds=round(row['seconds'] + took, 1), measured_factor=round(seg.scale, 3))

@@ -38,9 +38,9 @@ def _segmenter(model=None, cpu=False, **kwargs):
 def _measured(seg, scale, images):
     "`seg`, with `--scale folder` resolved: one factor for all of `images`, measured on up to 16 of them (`measure_scale`), said"
     if scale != 'folder': return seg
-    images = list(images)
-    seg.scale = seg.measure_scale(images)
-    say(f"scale 'folder': {seg.scale:.2f} for every image (measured on {min(16, len(images))} of {len(images)})")
+    images,n = list(images),16
+    seg.scale = seg.measure_scale(images, n)
+    say(f"scale 'folder': {seg.scale:.2f} for every image (measured on {min(n, len(images))} of {len(images)})")
     return seg
 
 def _report(image_id, msg): say(msg)
@@ -175,7 +175,9 @@ def predict(src:str, # an image file or a folder of images (searched recursively
     kw = dict(overlays=overlays, planes=planes, submission=Path(out)/'submission.csv', report=_report)
     from nucleus_seg.inference import segment_folder, image_items
     seg = None if scheduler and scale != 'folder' else _segmenter(model, cpu, tta=tta, tile=tile, bf16=bf16, scale=scale)
-    if scale == 'folder': scale = _measured(seg, scale, image_items(src).image).scale   # the workers get the factor
+    if scale == 'folder':   # the images listed once, for the measurement and the run; the workers get the factor
+        src = image_items(src)
+        scale = _measured(seg, scale, src.image).scale
     if scheduler: df = _predict_dask(src, out, scheduler, model, cpu, tta=tta, tile=tile, bf16=bf16, scale=scale, **kw)
     else: df = segment_folder(seg, src, out, **kw)
     ok = df[df.status=='ok']

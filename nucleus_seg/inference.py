@@ -6,9 +6,9 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/inference.html.md"""
 
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'MAX_PIXELS', 'FLIPS', 'DSB_DIAMETERS', 'AUTO_MIN_CHANGE', 'IMAGE_EXTS', 'DEFAULT_POST', 'TUNE_GRID',
-           'check_scale', 'Segmenter', 'load_segmenter', 'paste_instances', 'classical_probs', 'ClassicalSegmenter',
-           'image_items', 'SkippedImageWarning', 'segment_folder', 'evaluate_model', 'test_mix', 'modality_scores',
-           'tune_thresholds', 'tune_model']
+           'check_scale', 'Segmenter', 'load_segmenter', 'paste_instances', 'spread', 'classical_probs',
+           'ClassicalSegmenter', 'image_items', 'SkippedImageWarning', 'segment_folder', 'evaluate_model', 'test_mix',
+           'modality_scores', 'tune_thresholds', 'tune_model']
 
 # %% ../nbs/06_inference.ipynb #19519efb
 import os, time, warnings, itertools
@@ -249,14 +249,18 @@ def diameters(self:Segmenter)->tuple:
     "The median nucleus diameters 'auto' aims for: the range the model file records (`train_nucleus`), else `DSB_DIAMETERS`"
     return tuple(self.config.get('diameters') or DSB_DIAMETERS)
 
+def _toward(target:float, d:float)->float:
+    "The factor that brings diameter `d` to `target`, from 1/4 to 4; 1 when it changes the size by no more than `AUTO_MIN_CHANGE`, or `d` is not positive"
+    if not d > 0: return 1.0
+    f = float(np.clip(target/d, 1/4, 4))
+    return f if max(f, 1/f) > AUTO_MIN_CHANGE else 1.0
+
 @patch
 def auto_scale(self:Segmenter, lbl:np.ndarray, # labels of a first pass at the image's own size
               )->float: # resize factor, from 1/4 to 4; 1 when no clear change is needed, or there are no nuclei
     "The factor that brings the median nucleus of `lbl` to the nearer end of `diameters`, when it changes the size by more than `AUTO_MIN_CHANGE`"
     d,(lo,hi) = nucleus_diameter(lbl),self.diameters
-    if not d > 0 or lo <= d <= hi: return 1.0
-    f = float(np.clip((lo if d < lo else hi)/d, 1/4, 4))
-    return f if max(f, 1/f) > AUTO_MIN_CHANGE else 1.0
+    return 1.0 if not d > 0 or lo <= d <= hi else _toward(lo if d < lo else hi, d)
 
 # %% ../nbs/06_inference.ipynb #26cea178
 @patch(as_prop=True)
@@ -305,20 +309,24 @@ def segment_many(self:Segmenter, imgs, # images (arrays, paths or bytes)
             if hasattr(r, 'cancel'): r.cancel()
 
 # %% ../nbs/06_inference.ipynb #d733cd9b
+def spread(n:int, # items in a collection
+           k:int, # how many to pick
+          )->np.ndarray:
+    "Indices of at most `k` of `n` items, evenly spread from the first to the last"
+    return np.unique(np.linspace(0, n-1, min(k, n)).round().astype(int))
+
 @patch
 def measure_scale(self:Segmenter, imgs, # images from one microscope (paths, bytes or arrays); unreadable ones are passed over
-                  n:int=16, # segment at most this many, evenly spread over `imgs`
+                  n:int=16, # segment at most this many, evenly spread over `imgs` (`spread`)
                  )->float: # resize factor for all of `imgs`, from 1/4 to 4; 1 when no clear change is needed, or no nuclei are found
     "One factor for a collection: the median nucleus diameter of up to `n` of `imgs` at their own size, brought to the middle of `diameters`"
     imgs,ds = list(imgs),[]
-    for i in np.unique(np.linspace(0, len(imgs)-1, min(n, len(imgs))).round().astype(int)):
+    for i in spread(len(imgs), n):
         try: a = read_image(imgs[i])
         except DSBDataError: continue
         ds.append(nucleus_diameter(self._segment_at(a, input_stats(a, self.mode), 1.0)))
     d,(lo,hi) = np.nanmedian(ds) if np.isfinite(ds).any() else np.nan,self.diameters
-    if not d > 0: return 1.0
-    f = float(np.clip(np.sqrt(lo*hi)/d, 1/4, 4))
-    return f if max(f, 1/f) > AUTO_MIN_CHANGE else 1.0
+    return _toward(np.sqrt(lo*hi), d)
 
 # %% ../nbs/06_inference.ipynb #4ede78ea
 def classical_probs(img, # uint8 image, grey or RGB, any modality
