@@ -68,18 +68,27 @@ def _zoom(s:str):
     if not 0<lo<=hi: raise CliError(f"--zoom needs 0 < smallest <= largest, got {s}")
     return (lo,hi)
 
+def _fine_tune_checks(init, arch, input_mode):
+    "Refuse an --init file that cannot be read, or --arch/--input-mode that differ from its own; say what is fine-tuned"
+    from nucleus_seg.learner import _init_model
+    fn,cfg = _init_model(init)
+    for k,v,own in (('arch', arch, cfg['arch']), ('input-mode', input_mode, cfg['input']['mode'])):
+        if v is not None and v!=own: raise CliError(f"--{k} {v} differs from {fn.name}'s {own}: fine-tuning keeps the model's own")
+    say(f"fine-tuning {fn.name} ({cfg['arch']} U-Net, {cfg['input']['mode']} input)")
+
 @call_parse
 def train(out:str='nucleus_run', # run folder: model.safetensors, checkpoints in models/, valid.csv, TensorBoard logs in tb/
-          data:str=None, # DSB2018 location (default: $NUCLEUS_SEG_DATA)
+          data:str=None, # DSB2018 location, or a folder of your own labelled images: images/ and labels/ with the same file names (default: $NUCLEUS_SEG_DATA)
+          init:str=None, # fine-tune this model file ('default': the bundled model), keeping its network and input mode
           cache:str=None, # cache folder (default: $NUCLEUS_SEG_CACHE)
-          arch:str='compact', # encoder: compact, resnet18, resnet34, resnet50, xresnet18, xresnet34
+          arch:str=None, # encoder: compact, resnet18, resnet34, resnet50, xresnet18, xresnet34 (default: compact, or --init's)
           epochs:int=56, # one-cycle epochs
           lr:float=3e-3, # peak learning rate
           bs:int=16, # batch size
           crop:int=128, # training crop size
           valid_crop:int=None, # validation crop size, whose score picks the best epoch (default: --crop)
           n_items:int=None, # use only this many images (tiny runs)
-          input_mode:str='grey', # network input: grey, hed (hematoxylin for colour images), or rgb
+          input_mode:str=None, # network input: grey, hed (hematoxylin for colour images), or rgb (default: grey, or --init's)
           zoom:str='none', # random rescaling range such as 0.5,1.5, or none
           scratch:store_true=False, # train a resnet from scratch, without ImageNet weights
           weights_url:str=None, # ImageNet weights URL (default: $NUCLEUS_SEG_WEIGHTS_URL or torchvision's)
@@ -93,10 +102,11 @@ def train(out:str='nucleus_run', # run folder: model.safetensors, checkpoints in
     _positive(epochs=epochs, lr=lr, bs=bs, crop=crop, valid_crop=valid_crop, n_items=n_items)
     from nucleus_seg.learner import train_nucleus, ARCHS
     from nucleus_seg.io import INPUT_MODES
-    if arch not in ARCHS: raise CliError(f"unknown --arch {arch!r} (choose from {', '.join(ARCHS)})")
-    if input_mode not in INPUT_MODES: raise CliError(f"unknown --input-mode {input_mode!r} (choose from {', '.join(INPUT_MODES)})")
-    learn = train_nucleus(out, data=data, cache=cache, arch=arch, epochs=epochs, lr=lr, bs=bs, crop=crop, valid_crop=valid_crop, n_items=n_items,
-                          input_mode=input_mode, zoom=_zoom(zoom), pretrained=False if scratch else None,
+    if arch is not None and arch not in ARCHS: raise CliError(f"unknown --arch {arch!r} (choose from {', '.join(ARCHS)})")
+    if input_mode is not None and input_mode not in INPUT_MODES: raise CliError(f"unknown --input-mode {input_mode!r} (choose from {', '.join(INPUT_MODES)})")
+    if init is not None: _fine_tune_checks(init, arch, input_mode)
+    learn = train_nucleus(out, data=data, init=init, cache=cache, arch=arch or 'compact', epochs=epochs, lr=lr, bs=bs, crop=crop, valid_crop=valid_crop, n_items=n_items,
+                          input_mode=input_mode or 'grey', zoom=_zoom(zoom), pretrained=False if scratch else None,
                           weights_url=weights_url, resume=resume, tune=tune, tensorboard=tensorboard, seed=seed,
                           compile=compile or False)
     s = learn.nucleus.get('scores', {})
@@ -109,9 +119,12 @@ def _valid_items(model=None, data=None, cache=None):
     from nucleus_seg.inference import DEFAULT_MODEL
     from nucleus_seg.learner import read_model
     from nucleus_seg.data import prepare_dsb
-    ids = read_model(model or DEFAULT_MODEL)[1].get('valid_ids')
+    from nucleus_seg.io import labelled_pairs
+    cfg = read_model(model or DEFAULT_MODEL)[1]
+    ids,folder = cfg.get('valid_ids'),cfg.get('recipe', {}).get('data', 'DSB2018')
     if not ids: raise CliError("this model file does not list its validation images: give SRC (labelled images)")
-    df = prepare_dsb(data, 'train', cache)
+    if folder!='DSB2018' and not Path(folder).is_dir(): raise CliError(f"the model was trained on {folder}, which is gone: give SRC (labelled images)")
+    df = prepare_dsb(data, 'train', cache) if folder=='DSB2018' else labelled_pairs(folder)
     return df[df.image_id.isin(set(ids))].reset_index(drop=True)
 
 @call_parse
@@ -260,6 +273,7 @@ def model_summary(fn, # model file (see `read_model`)
            f"classes {', '.join(cfg.get('classes', [])) or '?'}, {inp.get('mode', '?')} input")
     train = (f"{r.get('epochs', '?')} epochs at lr {r.get('lr', '?')}, batch {r.get('bs', '?')}, {r.get('crop', '?')}-pixel crops, "
              f"{r.get('n_train', '?')} training / {r.get('n_valid', '?')} validation images"
+             + (f" in {r['data']}" if r.get('data') not in (None, 'DSB2018') else '')
              + (f"; on {r['device']} in {r['train_seconds']:.0f} s" if r.get('device') and r.get('train_seconds') else '')
              + (f", {cfg['date'][:10]}" if cfg.get('date') else '')) if r else 'no training record'
     thr = ', '.join(f'{k} {v}' for k,v in p.items()) or 'the defaults'
@@ -270,6 +284,7 @@ def model_summary(fn, # model file (see `read_model`)
     d = cfg.get('diameters')
     size = f"{d[0]:g}-{d[1]:g} px (its training images)" if d else f"{DSB_DIAMETERS[0]:g}-{DSB_DIAMETERS[1]:g} px (DSB2018's training images; the file records none)"
     rows = [('network', net), ('trained', train), ('thresholds', thr), ('validation', val), ('nucleus size', size)]
+    if i := r.get('init'): rows.insert(2, ('started from', f"{i['file']} (validation DSB {_fmt(i.get('valid_dsb'))}{', '+i['date'][:10] if i.get('date') else ''})"))
     return '\n'.join([f"{fn.name}: {fn.stat().st_size/2**20:.1f} MiB"] + [f"  {k:<13}{v}" for k,v in rows])
 
 @call_parse

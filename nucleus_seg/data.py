@@ -8,7 +8,7 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/data.html.md"""
 __all__ = ['BBBC038_URL', 'DSB_FILES', 'TARGET_CODES', 'CACHE_VERSION', 'DSBOverlapWarning', 'download_dsb', 'dsb_path',
            'merge_masks', 'dsb_cache', 'prepare_dsb', 'load_dsb_item', 'instance_target', 'ReadDSBImage',
            'ReadDSBTarget', 'ModalitySplitter', 'dsb_batch_tfms', 'dsb_datablock', 'modality_subset', 'decode_row',
-           'ResidentData', 'ResidentDL', 'dsb_dataloaders', 'dl_throughput', 'show_target']
+           'ResidentData', 'ResidentDL', 'labelled_dataloaders', 'dsb_dataloaders', 'dl_throughput', 'show_target']
 
 # %% ../nbs/01_data.ipynb #aeb2333f
 import os, re, json, time, shutil, zipfile, hashlib, uuid, warnings, contextlib
@@ -24,6 +24,7 @@ from .io import progress as nucleus_progress
 # %% ../nbs/01_data.ipynb #ecb95e4f
 import torch
 from fastcore.basics import patch, store_attr, chunked
+from fastcore.meta import delegates
 from fastcore.parallel import parallel
 from fastai.data.core import show_batch, TfmdDL, DataLoaders
 from fastai.data.block import DataBlock
@@ -358,14 +359,16 @@ def _has_label(row)->bool:
     l = row.get('label')
     return l is not None and not (isinstance(l, float) and np.isnan(l)) and str(l) not in ('', 'None')
 
-def decode_row(row, # index row from `prepare_dsb` (`image`, `label`)
+def decode_row(row, # index row from `prepare_dsb` or `labelled_pairs` (`image`, `label`)
                input_mode:str='grey', # one of `INPUT_MODES`; grey modes keep one channel
                target:str='classes3', # 'binary' or 'classes3' (see `TARGET_CODES`)
               )->tuple:
     "Prepared image (C×H×W `uint8`, C=1 unless 'rgb') and `instance_target` (H×W `uint8`; zeros without a label)."
     img = normalise_image(read_image(row['image']), input_mode)
     if input_mode != 'rgb': img = img[..., :1]
-    tgt = instance_target(read_label(row['label']), target) if _has_label(row) else np.zeros(img.shape[:2], np.uint8)
+    lbl = read_label(row['label']) if _has_label(row) else np.zeros(img.shape[:2], np.uint16)
+    if lbl.shape != img.shape[:2]: raise DSBDataError(f"{row['label']}: label image is {lbl.shape[0]}×{lbl.shape[1]}, its image {img.shape[0]}×{img.shape[1]}")
+    tgt = instance_target(lbl, target)
     return np.ascontiguousarray(img.transpose(2, 0, 1)), tgt
 
 # %% ../nbs/01_data.ipynb #357e0e14
@@ -474,25 +477,24 @@ class ResidentDL(TfmdDL):
         super().to(device); self.dataset.to(device); return self
 
 # %% ../nbs/01_data.ipynb #cacb969f
-def dsb_dataloaders(path=None, # data folder or zip (see `dsb_path`)
-                    target:str='classes3', # 'binary' or 'classes3'
-                    bs:int=16, # batch size
-                    crop:int=256, # training crop size
-                    valid_crop:int=None, # validation centre-crop size (default: `crop`); larger crops hold more nuclei to score
-                    valid_pct:float=0.2, # validation fraction per modality
-                    seed:int=42, # split and subset seed
-                    n_items:int=None, # use a subset of this many images (covering all modalities)
-                    input_mode:str='grey', # one of `INPUT_MODES` (see `normalise_image`)
-                    zoom:tuple=None, # random rescaling range, e.g. (0.5, 1.5) (see `dsb_batch_tfms`)
-                    resident:bool=True, # decode once and crop in batches on `device`; False: the `DataBlock`
-                    device=None, # where batches are made (default: the GPU when there is one)
-                    n_workers:int=0, # threads decoding images (resident) or loader processes (`DataBlock`)
-                    cache=None, # cache folder (see `dsb_cache`)
-                    **kwargs, # passed to the `DataLoader`s
-                   )->DataLoaders:
-    "`DataLoaders` over the DSB2018 training set, split by modality, with crops and augmentation."
-    df = prepare_dsb(path, 'train', cache)
-    if n_items: df = modality_subset(df, n_items, seed)
+def labelled_dataloaders(items:pd.DataFrame, # labelled images: rows with `image` and `label` files (and `modality`, else guessed)
+                         target:str='classes3', # 'binary' or 'classes3'
+                         bs:int=16, # batch size
+                         crop:int=256, # training crop size
+                         valid_crop:int=None, # validation centre-crop size (default: `crop`); larger crops hold more nuclei to score
+                         valid_pct:float=0.2, # validation fraction per modality
+                         seed:int=42, # split seed
+                         input_mode:str='grey', # one of `INPUT_MODES` (see `normalise_image`)
+                         zoom:tuple=None, # random rescaling range, e.g. (0.5, 1.5) (see `dsb_batch_tfms`)
+                         resident:bool=True, # decode once and crop in batches on `device`; False: the `DataBlock`
+                         device=None, # where batches are made (default: the GPU when there is one)
+                         n_workers:int=0, # threads decoding images (resident) or loader processes (`DataBlock`)
+                         **kwargs, # passed to the `DataLoader`s
+                        )->DataLoaders:
+    "`DataLoaders` over labelled images, split by modality, with crops and augmentation."
+    df = items.reset_index(drop=True)
+    if len(df) < 2: raise DSBDataError(f'{len(df)} labelled image(s): training needs at least two, one of them to validate on')
+    if 'modality' not in df: df = df.assign(modality=[image_modality(read_image(f)) for f in df.image])
     if resident:
         device = default_device() if device is None else torch.device(device)
         tr, va = ModalitySplitter(valid_pct, seed)(df)
@@ -505,6 +507,18 @@ def dsb_dataloaders(path=None, # data folder or zip (see `dsb_path`)
             df, bs=bs, num_workers=n_workers, device=device, **kwargs)
     dls.input_mode = input_mode
     return dls
+
+@delegates(labelled_dataloaders)
+def dsb_dataloaders(path=None, # data folder or zip (see `dsb_path`)
+                    n_items:int=None, # use a subset of this many images (covering all modalities)
+                    seed:int=42, # split and subset seed
+                    cache=None, # cache folder (see `dsb_cache`)
+                    **kwargs, # passed to `labelled_dataloaders`
+                   )->DataLoaders:
+    "`DataLoaders` over the DSB2018 training set, split by modality, with crops and augmentation."
+    df = prepare_dsb(path, 'train', cache)
+    if n_items: df = modality_subset(df, n_items, seed)
+    return labelled_dataloaders(df, seed=seed, **kwargs)
 
 @patch(as_prop=True)
 def train_items(self:DataLoaders):

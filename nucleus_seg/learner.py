@@ -23,8 +23,8 @@ from fastai.vision.all import (Callback, Metric, Learner, SaveModelCallback, Nor
 from fastai.vision.learner import create_body, _default_meta
 from fastai.vision.models import xresnet
 import nucleus_seg
-from .io import atomic_write, interactive, read_label
-from .data import dsb_dataloaders, TARGET_CODES
+from .io import atomic_write, interactive, read_label, label_folder, labelled_pairs
+from .data import dsb_dataloaders, labelled_dataloaders, TARGET_CODES
 from .instances import instance_pool, diameter_range
 from .metrics import crop_score
 
@@ -450,6 +450,15 @@ def _train_diameters(dls)->list:
     try: return diameter_range(read_label(f) for f in labels)
     except ValueError: return None
 
+def _init_model(init)->tuple:
+    "The model file `init` names ('default': the bundled one) and its configuration"
+    if init=='default': from nucleus_seg.inference import DEFAULT_MODEL as init
+    return Path(init),read_model(init)[1]
+
+def _init_record(fn, cfg)->dict:
+    "What the recipe keeps of the model a run was fine-tuned from"
+    return dict(file=Path(fn).name, date=cfg.get('date'), valid_dsb=cfg.get('scores', {}).get('valid_dsb'))
+
 def _device_name(dev)->str:
     dev = torch.device(ifnone(dev, 'cpu'))
     return torch.cuda.get_device_name(dev) if dev.type=='cuda' else f'cpu ({os.cpu_count()} cores)'
@@ -463,7 +472,8 @@ def _peak_gpu_gib(dev, reset=False)->float:
 
 def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `model.safetensors`, `valid.csv`, `tb/`
                   dls=None, # `DataLoaders`; None builds them with `dsb_dataloaders` from the arguments below
-                  data=None, # DSB2018 location for `dsb_dataloaders` (see `dsb_path`)
+                  data=None, # DSB2018 location (see `dsb_path`), or a folder of your own labelled images (see `labelled_pairs`)
+                  init=None, # model file to fine-tune ('default': the bundled model); its network and input mode replace `arch` and `input_mode`
                   arch:str='compact', # encoder, a name in `ARCHS`
                   epochs:int=56, # length of the one-cycle schedule
                   lr:float=3e-3, # peak learning rate
@@ -488,12 +498,20 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
     "Train a U-Net with one-cycle, keep the best DSB model, checkpoint every epoch, resume, write and tune the model file"
     path = check_run_folder(path)
     set_seed(seed)
-    if dls is None: dls = dsb_dataloaders(data, bs=bs, crop=crop, valid_crop=valid_crop, n_items=n_items, seed=seed, cache=cache,
-                                          input_mode=input_mode, zoom=zoom, n_workers=n_workers)
+    if init is not None: init,icfg = _init_model(init); arch,input_mode = icfg['arch'],icfg['input']['mode']
+    own = dls is None and data is not None and label_folder(data) is not None
+    source = None if dls is not None else str(Path(data).resolve()) if own else 'DSB2018'  # what the recipe records
+    if dls is None:
+        kw = dict(bs=bs, crop=crop, valid_crop=valid_crop, seed=seed, input_mode=input_mode, zoom=zoom, n_workers=n_workers)
+        dls = (labelled_dataloaders(labelled_pairs(data).iloc[:n_items], **kw) if own else
+               dsb_dataloaders(data, n_items=n_items, cache=cache, **kw))
     ckpt,start,best = path/'models'/'last.pth',0,None
     _peak_gpu_gib(dls.device, reset=True)
     if resume and ckpt.exists(): pretrained = False  # the checkpoint's weights replace ImageNet's: no download
-    learn = nucleus_learner(dls, arch=arch, pretrained=pretrained, path=path, **kwargs)
+    if init is None: learn = nucleus_learner(dls, arch=arch, pretrained=pretrained, path=path, **kwargs)
+    else:
+        learn = learner_from_file(init, dls, path=path, **kwargs)
+        learn.nucleus.pop('scores', None)  # the starting model's: this one is scored when tuned
     check_run_folder(path, learn.model)
     _save_split(dls, path)
     if compile: compile_unet(learn.model, **({} if compile is True else dict(backend=compile)))
@@ -523,6 +541,7 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
                     zoom=getattr(dls.train, 'zoom', zoom), input_mode=getattr(dls, 'input_mode', input_mode), seed=seed,
                     loss='NucleusLoss (cross-entropy, class weights 1/1/3, + soft Dice)', schedule=f"one-cycle, {_opt_name(learn)}",
                     n_train=len(dls.train_items), n_valid=len(dls.valid_items), resumed_at_epoch=start or None,
+                    data=source, init=_init_record(init, icfg) if init else None,
                     device=_device_name(dls.device), torch=torch.__version__,
                     train_seconds=round(time.perf_counter()-t0, 1), train_img_per_s=timer.img_per_s, peak_gpu_gib=_peak_gpu_gib(dls.device),
                     best_crop_dsb=None if getattr(keep, 'best', best) in (None, -np.inf) else round(float(getattr(keep, 'best', best)), 4)),

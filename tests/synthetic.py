@@ -99,3 +99,18 @@ def tiny_dls(fake, input_mode='grey', **kw):
     from nucleus_seg.data import dsb_dataloaders
     return dsb_dataloaders(fake.path, cache=fake.cache, n_items=8, crop=64, bs=4, input_mode=input_mode, zoom=(0.5, 1.5),
                            device='cpu', **kw)
+
+
+def annotated_folder(rows, dest, label_dir='labels', label_ext='.png'):
+    """Write index rows (`image`, `label` files) into `dest` as a user keeps annotated images: `images/<id>.png` and
+    `<label_dir>/<id><label_ext>` (16-bit PNG, or a TIFF of int32 labels). Returns `dest`."""
+    import tifffile
+    from nucleus_seg.io import read_image, read_label, save_image, save_label
+    dest = Path(dest)
+    for sub in ('images', label_dir): (dest/sub).mkdir(parents=True, exist_ok=True)
+    for r in rows.itertuples():
+        save_image(read_image(r.image), dest/'images'/f'{r.image_id}.png')
+        lbl, fn = read_label(r.label), dest/label_dir/f'{r.image_id}{label_ext}'
+        if label_ext == '.png': save_label(lbl, fn)
+        else: tifffile.imwrite(fn, lbl.astype(np.int32))
+    return dest

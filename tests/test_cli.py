@@ -101,6 +101,9 @@ def test_app_is_registered():
     (['train', '--input-mode', 'cmyk'], 1, "unknown --input-mode 'cmyk'"),
     (['train', '--zoom', '2'], 1, '--zoom takes two numbers'),
     (['train', '--zoom', '1.5,0.5'], 1, '--zoom needs 0 < smallest <= largest'),
+    (['train', '--init', 'default', '--arch', 'resnet34'], 1, "--arch resnet34 differs from default.safetensors's compact: fine-tuning keeps the model's own"),
+    (['train', '--init', 'default', '--input-mode', 'rgb'], 1, "--input-mode rgb differs from default.safetensors's grey"),
+    (['train', '--init', 'missing.safetensors'], 1, 'model file not found: missing.safetensors'),
     # the positive-number checks of the other commands, before anything is loaded
     (['predict', '.', '--tile', '0'], 1, '--tile must be positive, got 0'),
     (['evaluate', '.', '--tile', '-5'], 1, '--tile must be positive, got -5'),
@@ -388,3 +391,32 @@ def test_predict_scale_folder_measures_one_factor_for_all(tmp_path, capsys):
     assert f"scale 'folder': {f:.2f} for every image (measured on 3 of 3)" in capsys.readouterr().err
     seg = load_segmenter(device='cpu', scale=f)
     for p in imgs: np.testing.assert_array_equal(read_label(tmp_path/'out'/'labels'/p.name), seg.segment(p))
+
+
+def test_fine_tune_the_bundled_model_on_an_annotated_folder(fake, tmp_path, capsys):
+    """`train --data FOLDER --init default`: says what it fine-tunes, writes a model of the bundled network that records
+    the folder and the starting model (`info` shows both), and `evaluate`/`predict` take the same folder: without SRC,
+    evaluate scores the run's own validation images from it; predict segments its images, not its label images."""
+    from nucleus_seg.learner import read_model
+    from nucleus_seg.inference import DEFAULT_MODEL, load_segmenter, evaluate_model
+    from nucleus_seg.io import labelled_pairs
+    from synthetic import annotated_folder
+    folder, run = annotated_folder(fake.train, tmp_path/'own'), tmp_path/'run'
+    assert main(['train', '--data', str(folder), '--init', 'default', '--out', str(run), '--epochs', '1', '--crop', '64', '--bs', '4']) == 0
+    err = capsys.readouterr().err
+    assert 'nucleus-seg: fine-tuning default.safetensors (compact U-Net, grey input)' in err
+    model = str(run/'model.safetensors')
+    cfg, bundled = read_model(model)[1], read_model(DEFAULT_MODEL)[1]
+    assert (cfg['arch'], cfg['input']) == (bundled['arch'], bundled['input']) and cfg['recipe']['init']['file'] == 'default.safetensors'
+    assert main(['info', model]) == 0
+    out = capsys.readouterr().out
+    assert f"in {folder.resolve()}" in out and f"started from default.safetensors (validation DSB {bundled['scores']['valid_dsb']:.3f}" in out
+    assert main(['evaluate', '--model', model, '--cpu']) == 0
+    out = capsys.readouterr().out
+    pairs = labelled_pairs(folder)
+    score, _ = evaluate_model(load_segmenter(model, device='cpu'), pairs[pairs.image_id.isin(cfg['valid_ids'])], show_progress=False)
+    assert f'DSB score: {score:.4f}' in out and len(cfg['valid_ids']) == 3
+    assert main(['predict', str(folder), '--model', model, '--out', str(tmp_path/'pred'), '--cpu']) == 0
+    assert sorted(p.name for p in (tmp_path/'pred'/'labels').iterdir()) == sorted(f'{i}.png' for i in fake.train.image_id)
+    shutil.rmtree(folder)
+    assert main(['evaluate', '--model', model]) == 1 and 'which is gone: give SRC' in capsys.readouterr().err

@@ -501,3 +501,35 @@ def test_real_dataloaders(train_df, dsb_data):
     x, y = dls.one_batch()
     assert x.shape == (4, 3, 128, 128) and y.shape == (4, 128, 128) and int(y.max()) <= 2
     assert set(dls.valid_items.modality) == set(dls.train_items.modality) == set(MODALITIES)
+
+
+# ---------- your own labelled images ----------
+def test_labelled_dataloaders_on_an_annotated_folder(fake, tmp_path):
+    """A folder of the synthetic images and labels (images/ + labels/): the modalities are guessed and the split is
+    stratified by them, the targets are the labels' classes, and the rows keep the files for evaluation."""
+    from nucleus_seg.io import labelled_pairs
+    from synthetic import annotated_folder
+    root = annotated_folder(fake.train, tmp_path/'own')
+    items = labelled_pairs(root)
+    assert 'modality' not in items
+    dls = labelled_dataloaders(items, bs=3, crop=64, device='cpu')
+    assert dls.input_mode == 'grey' and len(dls.valid_items) == 3 and len(dls.train_items) == 6
+    assert sorted(dls.valid_items.modality) == sorted(MODALITIES)   # guessed: one per modality to validation
+    assert dict(zip(dls.train_items.image_id, dls.train_items.modality)) == {i: fake.truth[i][0] for i in dls.train_items.image_id}
+    x, y = dls.valid.one_batch()
+    assert x.shape == (3, 3, 64, 64)
+    for k, r in enumerate(dls.valid_items.itertuples()):   # centre crops of the label images' classes
+        t = instance_target(fake.truth[r.image_id][1])
+        y0, x0 = (t.shape[0]-64)//2, (t.shape[1]-64)//2
+        assert np.array_equal(y[k].numpy(), t[y0:y0+64, x0:x0+64])
+
+
+def test_labelled_dataloaders_refuse_bad_folders(fake, tmp_path):
+    from nucleus_seg.io import labelled_pairs
+    from synthetic import annotated_folder
+    root = annotated_folder(fake.train.iloc[:3], tmp_path/'own')
+    with pytest.raises(DSBDataError, match='training needs at least two'): labelled_dataloaders(labelled_pairs(root).iloc[:1])
+    first = labelled_pairs(root).label[0]
+    save_label(np.zeros((5, 7), np.uint16), first)
+    with pytest.raises(DSBDataError, match=rf'{first.name}: label image is 5×7, its image 96×128'):
+        labelled_dataloaders(labelled_pairs(root), bs=2, crop=64, device='cpu')

@@ -232,3 +232,57 @@ def test_progress_plain_lines_and_silence():
 def test_io_does_not_import_torch():
     code = "import sys, nucleus_seg.io; print('torch' in sys.modules or 'fastai' in sys.modules)"
     assert subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.strip() == 'False'
+
+
+# ---------- your own labelled images ----------
+def _annotated(root, names=('a', 'b'), label_dir='labels', label_ext='.png'):
+    import tifffile
+    for sub in ('images', label_dir): (root/sub).mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(names):
+        lbl = grid_label(seed=i)
+        save_image(fake_image(lbl), root/'images'/f'{n}.png')
+        if label_ext == '.png': save_label(lbl, root/label_dir/f'{n}.png')
+        else: tifffile.imwrite(root/label_dir/f'{n}{label_ext}', lbl.astype(np.int32))
+    return root
+
+
+def test_labelled_pairs_in_both_layouts(tmp_path):
+    "images/ + labels/ (16-bit PNG) and images/ + masks/ (int32 TIFF named like the images) give the same pairs."
+    for d, kw in (('png', {}), ('tif', dict(label_dir='masks', label_ext='.tif'))):
+        root = _annotated(tmp_path/d, ('b', 'a'), **kw)
+        assert label_folder(root) == root/kw.get('label_dir', 'labels')
+        df = labelled_pairs(root)
+        assert list(df.columns) == ['image_id', 'image', 'label'] and df.image_id.tolist() == ['a', 'b']
+        for r, seed in zip(df.itertuples(), (1, 0)):
+            assert r.image == root/'images'/f'{r.image_id}.png'
+            np.testing.assert_array_equal(read_label(r.label), grid_label(seed=seed))
+
+
+def test_kaggle_layout_and_plain_folders_are_not_labelled(tmp_path):
+    "A DSB2018 image folder (per-nucleus masks named otherwise) and a folder of images alone are not labelled folders."
+    k = tmp_path/'0a1b'
+    for sub in ('images', 'masks'): (k/sub).mkdir(parents=True)
+    save_image(fake_image(grid_label()), k/'images'/'0a1b.png'); save_image(np.zeros((4, 4), np.uint8), k/'masks'/'c3d4.png')
+    assert label_folder(k) is None and label_folder(k/'images') is None
+    with pytest.raises(DSBDataError, match='not a folder of labelled images'): labelled_pairs(k)
+
+
+def test_labelled_pairs_errors_name_the_file(tmp_path):
+    root = _annotated(tmp_path/'own', ('a', 'b', 'c'))
+    (root/'labels'/'b.png').unlink()
+    with pytest.raises(DSBDataError, match=r'b\.png: no label image in .* \(1 of 3 images have none\)'): labelled_pairs(root)
+    save_label(grid_label(), root/'labels'/'b.png'); save_label(grid_label(), root/'labels'/'zz.png')
+    with pytest.raises(DSBDataError, match=r'zz\.png: a label image without an image'): labelled_pairs(root)
+    (root/'labels'/'zz.png').unlink(); save_image(fake_image(grid_label()), root/'images'/'a.tif')
+    with pytest.raises(DSBDataError, match=r"two files named 'a'"): labelled_pairs(root)
+    for f in (root/'images').iterdir(): f.unlink()
+    with pytest.raises(DSBDataError, match='no images'): labelled_pairs(root)
+
+
+def test_read_label_refuses_values_outside_uint16(tmp_path):
+    import tifffile
+    for name, a in (('neg.tif', np.array([[0, -1]], np.int32)), ('big.tif', np.array([[0, 70000]], np.int32))):
+        tifffile.imwrite(tmp_path/name, a)
+        with pytest.raises(DSBDataError, match=rf'{name}: label values must lie in 0\.\.65535'): read_label(tmp_path/name)
+    tifffile.imwrite(tmp_path/'ok.tif', np.array([[0, 65535]], np.int32))
+    assert read_label(tmp_path/'ok.tif').tolist() == [[0, 65535]]

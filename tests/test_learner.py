@@ -448,3 +448,35 @@ def test_learner_trains_channels_last_on_the_cpu(dls):
         return {w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in ws if w.shape[-1] > 1}
     assert layouts(nucleus_learner(dls)) == {True}
     assert layouts(nucleus_learner(dls, channels_last=False)) == {False}
+
+
+# ---------- fine-tuning on your own images ----------
+class StartWeights(Callback):
+    "The model's weights when fitting starts."
+    def before_fit(self): self.state = {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
+
+
+def test_fine_tune_a_model_file_on_an_annotated_folder(fake, tiny_run, tmp_path):
+    """`train_nucleus(data=folder, init=model)` starts from the model file's weights, keeps its network and input mode
+    (not the ones asked for), splits the folder's own images, and records the folder and the starting model; the
+    starting model's scores are not carried over."""
+    from synthetic import annotated_folder
+    _, src_run = tiny_run
+    import shutil
+    init = shutil.copy(src_run/'model.safetensors', tmp_path/'start.safetensors')
+    sd0, cfg0 = read_model(init)
+    update_model(init, scores=dict(valid_dsb=0.5))   # a scored starting model (tune=False left it unscored)
+    folder = annotated_folder(fake.train, tmp_path/'own')
+    start = StartWeights()
+    learn = train_nucleus(tmp_path/'run', data=folder, init=init, input_mode='grey', arch='resnet18', epochs=1, bs=3, crop=64,
+                          tune=False, cbs=start)
+    assert same_weights(start.state, sd0)   # fine-tuned from the file, not from scratch
+    sd, cfg = read_model(tmp_path/'run'/'model.safetensors')
+    assert not same_weights(sd, sd0)         # and trained
+    assert cfg['input']['mode'] == 'hed' and cfg['arch'] == cfg0['arch'] and cfg['arch_params'] == cfg0['arch_params']
+    r = cfg['recipe']
+    assert r['data'] == str(folder.resolve()) and (r['n_train'], r['n_valid']) == (6, 3)
+    assert r['init'] == dict(file='start.safetensors', date=cfg0['date'], valid_dsb=0.5)
+    assert 'scores' not in cfg and set(cfg['valid_ids']) <= set(fake.train.image_id) and len(cfg['diameters']) == 2
+    plain = read_model(src_run/'model.safetensors')[1]['recipe']
+    assert plain['data'] is None and plain['init'] is None   # a run given its dls records neither

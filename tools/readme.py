@@ -12,7 +12,7 @@ def readme(nb='nbs/index.ipynb', dest='README.md', figs='index_files'):
     for c in cells:
         src = ''.join(c['source'])
         if c['cell_type'] == 'markdown':  # links to sibling notebooks point into nbs/ from the repo root
-            out.append(re.sub(r'\]\((\w+\.ipynb)\)', r'](nbs/\1)', src)); continue
+            out.append(re.sub(r'\]\((\w+\.ipynb(?:#[\w-]+)?)\)', r'](nbs/\1)', src)); continue
         d = directives(src)
         if 'hide' in d or 'default_exp' in d: continue
         if d.get('echo') != 'false': out.append(f'```python\n{strip_directives(src)}\n```')
