@@ -114,7 +114,8 @@ def main():
     for name, folder, init, lr in runs:
         row, fn = dict(run=name), None
         if folder is not None:
-            n_train = len(list((folder/'images').iterdir())) - max(1, round(0.2*len(list((folder/'images').iterdir()))))
+            n = sum(1 for _ in (folder/'images').iterdir())
+            n_train = n - max(1, round(0.2*n))   # what `ModalitySplitter` leaves to training in one modality
             epochs = max(1, math.ceil(a.steps / math.ceil(n_train/a.bs)))
             run = work/'runs'/name.replace(' ', '_')
             t = time.perf_counter()
