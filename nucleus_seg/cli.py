@@ -80,6 +80,8 @@ def _fine_tune_checks(init, arch, input_mode):
 def train(out:str='nucleus_run', # run folder: model.safetensors, checkpoints in models/, valid.csv, TensorBoard logs in tb/
           data:str=None, # DSB2018 location, or a folder of your own labelled images: images/ and labels/ with the same file names (default: $NUCLEUS_SEG_DATA)
           init:str=None, # fine-tune this model file ('default': the bundled model), keeping its network and input mode
+          mix:float=0., # with --data FOLDER: share of training images drawn from DSB2018 (or --mix-with), to keep what the model knew
+          mix_with:str=None, # a labelled folder to mix in instead of DSB2018's training images
           cache:str=None, # cache folder (default: $NUCLEUS_SEG_CACHE)
           arch:str=None, # encoder: compact, resnet18, resnet34, resnet50, xresnet18, xresnet34 (default: compact, or --init's)
           epochs:int=56, # one-cycle epochs
@@ -93,19 +95,21 @@ def train(out:str='nucleus_run', # run folder: model.safetensors, checkpoints in
           scratch:store_true=False, # train a resnet from scratch, without ImageNet weights
           weights_url:str=None, # ImageNet weights URL (default: $NUCLEUS_SEG_WEIGHTS_URL or torchvision's)
           resume:store_true=False, # continue from out/models/last.pth
-          tune:bool_arg=True, # choose the post-processing thresholds on the validation images afterwards
+          tune:bool_arg=True, # choose the post-processing thresholds on the validation images afterwards (false with --init: keep its thresholds)
           tensorboard:store_true=False, # log to out/tb (needs the tensorboard package)
           compile:str=None, # torch.compile the network: a backend name (inductor, aot_eager), or none
           seed:int=42, # split and initialisation seed
          ):
     "Train the U-Net, keep the best validation DSB model, tune it, and write out/model.safetensors"
     _positive(epochs=epochs, lr=lr, bs=bs, crop=crop, valid_crop=valid_crop, n_items=n_items)
+    if not 0<=mix<1: raise CliError(f"--mix is the share of mixed-in training images, from 0 up to (not including) 1, not {mix}")
+    if mix_with and not mix: raise CliError("--mix-with needs --mix, the share of training images to draw from it (such as 0.5)")
     from nucleus_seg.learner import train_nucleus, ARCHS
     from nucleus_seg.io import INPUT_MODES
     if arch is not None and arch not in ARCHS: raise CliError(f"unknown --arch {arch!r} (choose from {', '.join(ARCHS)})")
     if input_mode is not None and input_mode not in INPUT_MODES: raise CliError(f"unknown --input-mode {input_mode!r} (choose from {', '.join(INPUT_MODES)})")
     if init is not None: _fine_tune_checks(init, arch, input_mode)
-    learn = train_nucleus(out, data=data, init=init, cache=cache, arch=arch or 'compact', epochs=epochs, lr=lr, bs=bs, crop=crop, valid_crop=valid_crop, n_items=n_items,
+    learn = train_nucleus(out, data=data, init=init, mix=mix, mix_with=mix_with, cache=cache, arch=arch or 'compact', epochs=epochs, lr=lr, bs=bs, crop=crop, valid_crop=valid_crop, n_items=n_items,
                           input_mode=input_mode or 'grey', zoom=_zoom(zoom), pretrained=False if scratch else None,
                           weights_url=weights_url, resume=resume, tune=tune, tensorboard=tensorboard, seed=seed,
                           compile=compile or False)
@@ -285,6 +289,7 @@ def model_summary(fn, # model file (see `read_model`)
     size = f"{d[0]:g}-{d[1]:g} px (its training images)" if d else f"{DSB_DIAMETERS[0]:g}-{DSB_DIAMETERS[1]:g} px (DSB2018's training images; the file records none)"
     rows = [('network', net), ('trained', train), ('thresholds', thr), ('validation', val), ('nucleus size', size)]
     if i := r.get('init'): rows.insert(2, ('started from', f"{i['file']} (validation DSB {_fmt(i.get('valid_dsb'))}{', '+i['date'][:10] if i.get('date') else ''})"))
+    if m := r.get('mix'): rows.insert(3 if r.get('init') else 2, ('mixed in', f"{m['n']} images of {m['source']} ({m['share']:.0%} of the training images)"))
     return '\n'.join([f"{fn.name}: {fn.stat().st_size/2**20:.1f} MiB"] + [f"  {k:<13}{v}" for k,v in rows])
 
 @call_parse

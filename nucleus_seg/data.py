@@ -8,7 +8,8 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/data.html.md"""
 __all__ = ['BBBC038_URL', 'DSB_FILES', 'TARGET_CODES', 'CACHE_VERSION', 'DSBOverlapWarning', 'download_dsb', 'dsb_path',
            'merge_masks', 'dsb_cache', 'prepare_dsb', 'load_dsb_item', 'instance_target', 'ReadDSBImage',
            'ReadDSBTarget', 'ModalitySplitter', 'dsb_batch_tfms', 'dsb_datablock', 'modality_subset', 'decode_row',
-           'ResidentData', 'ResidentDL', 'labelled_dataloaders', 'dsb_dataloaders', 'dl_throughput', 'show_target']
+           'ResidentData', 'ResidentDL', 'mixed_rows', 'labelled_dataloaders', 'dsb_dataloaders', 'dl_throughput',
+           'show_target']
 
 # %% ../nbs/01_data.ipynb #aeb2333f
 import os, re, json, time, shutil, zipfile, hashlib, uuid, warnings, contextlib
@@ -23,12 +24,12 @@ from .io import progress as nucleus_progress
 
 # %% ../nbs/01_data.ipynb #ecb95e4f
 import torch
-from fastcore.basics import patch, store_attr, chunked
+from fastcore.basics import patch, store_attr, chunked, ifnone
 from fastcore.meta import delegates
 from fastcore.parallel import parallel
 from fastai.data.core import show_batch, TfmdDL, DataLoaders
 from fastai.data.block import DataBlock
-from fastai.data.transforms import Normalize, IntToFloatTensor
+from fastai.data.transforms import Normalize, IntToFloatTensor, IndexSplitter
 from fastai.vision.core import PILImage, PILMask, imagenet_stats
 from fastai.vision.data import ImageBlock, MaskBlock
 from fastai.vision.augment import RandomCrop, CropPad, Dihedral, Brightness, Contrast, Saturation, Hue, Zoom
@@ -332,6 +333,7 @@ def dsb_datablock(target:str='classes3', # 'binary' or 'classes3'
                   seed:int=42, # split seed
                   zoom:tuple=None, # random rescaling range (see `dsb_batch_tfms`)
                   valid_crop:int=None, # validation centre-crop size (default: `crop`)
+                  splitter=None, # splitter of the index rows (default: `ModalitySplitter(valid_pct, seed)`)
                  )->DataBlock:
     "A `DataBlock` over DSB2018 index rows: cropped images and `instance_target` masks."
     crops = [RandomCrop(crop)]
@@ -340,7 +342,7 @@ def dsb_datablock(target:str='classes3', # 'binary' or 'classes3'
         crops.append(CropPad(valid_crop)); crops[1].split_idx = 1
     return DataBlock(blocks=(ImageBlock, MaskBlock(TARGET_CODES[target])),
                      get_x=ReadDSBImage(input_mode), get_y=ReadDSBTarget(target),
-                     splitter=ModalitySplitter(valid_pct, seed),
+                     splitter=ifnone(splitter, ModalitySplitter(valid_pct, seed)),
                      item_tfms=crops, batch_tfms=dsb_batch_tfms(input_mode, zoom=zoom))
 
 # %% ../nbs/01_data.ipynb #712e5be6
@@ -477,6 +479,21 @@ class ResidentDL(TfmdDL):
         super().to(device); self.dataset.to(device); return self
 
 # %% ../nbs/01_data.ipynb #cacb969f
+def _with_modality(df:pd.DataFrame)->pd.DataFrame:
+    "`df`, with `image_modality`'s guess where it has no `modality` column"
+    return df if 'modality' in df else df.assign(modality=[image_modality(read_image(f)) for f in df.image])
+
+def mixed_rows(rows:pd.DataFrame, # labelled rows to draw from, such as `prepare_dsb`'s index
+               n_train:int, # training images of your own
+               share:float, # share of the training set the drawn rows make up, from 0 up to (not including) 1
+               seed:int=42, # random draw
+              )->pd.DataFrame:
+    "A random draw of `rows`, as many as make `share` of a training set with `n_train` images of its own (all of them at most)"
+    if not 0 <= share < 1: raise ValueError(f'mix={share}: the share of mixed-in training images is at least 0 and below 1')
+    if rows is None or not len(rows): raise ValueError(f'mix={share} needs labelled rows to mix in (`mix_with`)')
+    n = min(len(rows), round(n_train*share/(1-share)))
+    return rows.sample(n, random_state=seed).reset_index(drop=True)
+
 def labelled_dataloaders(items:pd.DataFrame, # labelled images: rows with `image` and `label` files (and `modality`, else guessed)
                          target:str='classes3', # 'binary' or 'classes3'
                          bs:int=16, # batch size
@@ -489,21 +506,28 @@ def labelled_dataloaders(items:pd.DataFrame, # labelled images: rows with `image
                          resident:bool=True, # decode once and crop in batches on `device`; False: the `DataBlock`
                          device=None, # where batches are made (default: the GPU when there is one)
                          n_workers:int=0, # threads decoding images (resident) or loader processes (`DataBlock`)
+                         mix_with:pd.DataFrame=None, # labelled rows mixed into the training split only, never validated on
+                         mix:float=0., # share of the training images drawn at random from `mix_with`
                          **kwargs, # passed to the `DataLoader`s
                         )->DataLoaders:
     "`DataLoaders` over labelled images, split by modality, with crops and augmentation."
     df = items.reset_index(drop=True)
     if len(df) < 2: raise DSBDataError(f'{len(df)} labelled image(s): training needs at least two, one of them to validate on')
-    if 'modality' not in df: df = df.assign(modality=[image_modality(read_image(f)) for f in df.image])
+    df = _with_modality(df)
+    tr, va = ModalitySplitter(valid_pct, seed)(df)
+    if not va: va = [tr.pop()]  # every modality has a single image: the last one validates
+    if mix:
+        extra = _with_modality(mixed_rows(mix_with, len(tr), mix, seed))
+        tr += range(len(df), len(df)+len(extra))
+        df = pd.concat([df.assign(mixed=False), extra.assign(mixed=True)], ignore_index=True)
     if resident:
         device = default_device() if device is None else torch.device(device)
-        tr, va = ModalitySplitter(valid_pct, seed)(df)
         ds = [ResidentData.from_index(df.iloc[i], input_mode, target, device, split_idx=s, n_workers=n_workers)
               for s, i in ((0, tr), (1, va))]
         dls = DataLoaders(*[ResidentDL(d, bs, c, input_mode=input_mode, zoom=zoom, device=device, **kwargs)
                             for d,c in zip(ds, (crop, valid_crop or crop))], device=device)
     else:
-        dls = dsb_datablock(target, crop, input_mode, valid_pct, seed, zoom, valid_crop).dataloaders(
+        dls = dsb_datablock(target, crop, input_mode, zoom=zoom, valid_crop=valid_crop, splitter=IndexSplitter(va)).dataloaders(
             df, bs=bs, num_workers=n_workers, device=device, **kwargs)
     dls.input_mode = input_mode
     return dls

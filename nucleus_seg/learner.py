@@ -23,8 +23,8 @@ from fastai.vision.all import (Callback, Metric, Learner, SaveModelCallback, Nor
 from fastai.vision.learner import create_body, _default_meta
 from fastai.vision.models import xresnet
 import nucleus_seg
-from .io import atomic_write, interactive, read_label, label_folder, labelled_pairs
-from .data import dsb_dataloaders, labelled_dataloaders, TARGET_CODES
+from .io import atomic_write, interactive, read_label, label_folder, labelled_pairs, DSBDataError
+from .data import dsb_dataloaders, labelled_dataloaders, prepare_dsb, TARGET_CODES
 from .instances import instance_pool, diameter_range
 from .metrics import crop_score
 
@@ -459,6 +459,14 @@ def _init_record(fn, cfg)->dict:
     "What the recipe keeps of the model a run was fine-tuned from"
     return dict(file=Path(fn).name, date=cfg.get('date'), valid_dsb=cfg.get('scores', {}).get('valid_dsb'))
 
+def _mix_source(mix_with, icfg=None, cache=None)->tuple:
+    "Rows to mix into training on your own images, and their name: `mix_with`'s, or DSB2018's less the starting model's validation images"
+    if isinstance(mix_with, (str, Path)): return labelled_pairs(mix_with),str(Path(mix_with).resolve())
+    if mix_with is not None: return mix_with,'a table'
+    try: rows = prepare_dsb(None, 'train', cache, progress=False)
+    except DSBDataError as e: raise DSBDataError(f"mixing DSB2018's images in needs DSB2018 (or `mix_with`): {e}") from None
+    return rows[~rows.image_id.isin((icfg or {}).get('valid_ids') or [])],'DSB2018'
+
 def _device_name(dev)->str:
     dev = torch.device(ifnone(dev, 'cpu'))
     return torch.cuda.get_device_name(dev) if dev.type=='cuda' else f'cpu ({os.cpu_count()} cores)'
@@ -474,6 +482,8 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
                   dls=None, # `DataLoaders`; None builds them with `dsb_dataloaders` from the arguments below
                   data=None, # DSB2018 location (see `dsb_path`), or a folder of your own labelled images (see `labelled_pairs`)
                   init=None, # model file to fine-tune ('default': the bundled model); its network and input mode replace `arch` and `input_mode`
+                  mix:float=0., # with `data` a folder of yours: share of the training images drawn from `mix_with`, so the model keeps what it knew
+                  mix_with=None, # labelled folder or table to mix in (default: DSB2018's training images, less the starting model's validation images)
                   arch:str='compact', # encoder, a name in `ARCHS`
                   epochs:int=56, # length of the one-cycle schedule
                   lr:float=3e-3, # peak learning rate
@@ -487,7 +497,7 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
                   resume:bool=False, # continue from `models/last.pth` when it exists
                   tensorboard:bool=False, # log to `path/tb` (needs the `tensorboard` package)
                   model_file:str='model.safetensors', # the model file's name in `path` (None: don't write one)
-                  tune:bool=True, # choose the post-processing thresholds on the validation images (`tune_model`)
+                  tune:bool=True, # choose the post-processing thresholds on the validation images (`tune_model`); False keeps `init`'s
                   cbs=None, # extra callbacks for this fit
                   seed:int=42, # split and initialisation seed
                   cache=None, # cache folder for `dsb_dataloaders`
@@ -498,11 +508,15 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
     "Train a U-Net with one-cycle, keep the best DSB model, checkpoint every epoch, resume, write and tune the model file"
     path = check_run_folder(path)
     set_seed(seed)
+    icfg,mixed_from = None,None
     if init is not None: init,icfg = _init_model(init); arch,input_mode = icfg['arch'],icfg['input']['mode']
     own = dls is None and data is not None and label_folder(data) is not None
+    if mix and not own: raise ValueError(f"mix={mix}: mixing applies to training on a folder of your own images (`data`), not on {'the given dls' if dls is not None else 'DSB2018'}")
+    if mix_with is not None and not mix: raise ValueError("mix_with needs mix, the share of training images to draw from it (such as 0.5)")
     source = None if dls is not None else str(Path(data).resolve()) if own else 'DSB2018'  # what the recipe records
     if dls is None:
         kw = dict(bs=bs, crop=crop, valid_crop=valid_crop, seed=seed, input_mode=input_mode, zoom=zoom, n_workers=n_workers)
+        if mix: mixed,mixed_from = _mix_source(mix_with, icfg, cache); kw.update(mix=mix, mix_with=mixed)
         dls = (labelled_dataloaders(labelled_pairs(data).iloc[:n_items], **kw) if own else
                dsb_dataloaders(data, n_items=n_items, cache=cache, **kw))
     ckpt,start,best = path/'models'/'last.pth',0,None
@@ -535,13 +549,14 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
             learn.nucleus = read_model(path/model_file)[1]
             return learn
     learn.nucleus.update(
-        tta=True, postprocess=dict(method='auto', fg_thresh=0.5, interior_thresh=0.5, min_size=15),
+        tta=True, postprocess=dict(icfg['postprocess']) if init else dict(method='auto', fg_thresh=0.5, interior_thresh=0.5, min_size=15),
         recipe=dict(trained_by='nucleus_seg.learner.train_nucleus', epochs=epochs, lr=lr, bs=dls.bs,
                     crop=getattr(dls.train, 'crop', crop), valid_crop=getattr(dls.valid, 'crop', valid_crop),
                     zoom=getattr(dls.train, 'zoom', zoom), input_mode=getattr(dls, 'input_mode', input_mode), seed=seed,
                     loss='NucleusLoss (cross-entropy, class weights 1/1/3, + soft Dice)', schedule=f"one-cycle, {_opt_name(learn)}",
                     n_train=len(dls.train_items), n_valid=len(dls.valid_items), resumed_at_epoch=start or None,
                     data=source, init=_init_record(init, icfg) if init else None,
+                    mix=dict(share=mix, n=int(dls.train_items.mixed.sum()), source=mixed_from) if mixed_from else None,
                     device=_device_name(dls.device), torch=torch.__version__,
                     train_seconds=round(time.perf_counter()-t0, 1), train_img_per_s=timer.img_per_s, peak_gpu_gib=_peak_gpu_gib(dls.device),
                     best_crop_dsb=None if getattr(keep, 'best', best) in (None, -np.inf) else round(float(getattr(keep, 'best', best)), 4)),

@@ -420,3 +420,21 @@ def test_fine_tune_the_bundled_model_on_an_annotated_folder(fake, tmp_path, caps
     assert sorted(p.name for p in (tmp_path/'pred'/'labels').iterdir()) == sorted(f'{i}.png' for i in fake.train.image_id)
     shutil.rmtree(folder)
     assert main(['evaluate', '--model', model]) == 1 and 'which is gone: give SRC' in capsys.readouterr().err
+
+
+def test_fine_tune_mixing_in_another_folder(fake, tmp_path, capsys):
+    """`train --mix 0.5 --mix-with OTHER`: half the training images come from the other folder, and `info` says so;
+    a share of 1 or more is refused before anything is read."""
+    from synthetic import annotated_folder
+    own = annotated_folder(fake.train.groupby('modality').head(2), tmp_path/'own')
+    other = annotated_folder(fake.train.groupby('modality').tail(1), tmp_path/'other')
+    run = tmp_path/'run'
+    assert main(['train', '--data', str(own), '--init', 'default', '--mix', '0.5', '--mix-with', str(other), '--out', str(run),
+                 '--epochs', '1', '--crop', '64', '--bs', '4', '--tune', 'false']) == 0
+    capsys.readouterr()
+    assert main(['info', str(run/'model.safetensors')]) == 0
+    assert f"mixed in     3 images of {other.resolve()} (50% of the training images)" in capsys.readouterr().out
+    assert main(['train', '--data', str(own), '--mix', '1', '--out', str(tmp_path/'no')]) != 0
+    assert '--mix is the share of mixed-in training images' in capsys.readouterr().err and not (tmp_path/'no').exists()
+    assert main(['train', '--data', str(own), '--mix-with', str(other), '--out', str(tmp_path/'no')]) != 0
+    assert '--mix-with needs --mix' in capsys.readouterr().err and not (tmp_path/'no').exists()

@@ -524,11 +524,34 @@ def test_labelled_dataloaders_on_an_annotated_folder(fake, tmp_path):
         assert np.array_equal(y[k].numpy(), t[y0:y0+64, x0:x0+64])
 
 
+def test_labelled_dataloaders_mix_other_images_into_training_only(fake, tmp_path):
+    """`mix_with` rows join the training split alone, as many as make `mix` of it (all of them at most), flagged
+    `mixed`; the folder's own split is the one without mixing, and the `DataBlock` path gets the same split."""
+    from nucleus_seg.io import labelled_pairs
+    from synthetic import annotated_folder
+    own = labelled_pairs(annotated_folder(fake.train.groupby('modality').head(2), tmp_path/'own'))   # two of each modality
+    others = fake.train[~fake.train.image_id.isin(own.image_id)]
+    plain = labelled_dataloaders(own, bs=2, crop=64, device='cpu')
+    dls = labelled_dataloaders(own, bs=2, crop=64, device='cpu', mix_with=others, mix=0.5)
+    tr = dls.train_items
+    assert list(dls.valid_items.image_id) == list(plain.valid_items.image_id) and not dls.valid_items.mixed.any()
+    assert list(tr.image_id[~tr.mixed]) == list(plain.train_items.image_id)
+    assert tr.mixed.sum() == len(plain.train_items) == 3 and set(tr.image_id[tr.mixed]) <= set(others.image_id)
+    assert len(dls.train.dataset) == 6 and dls.train.one_batch()[0].shape == (2, 3, 64, 64)
+    block = labelled_dataloaders(own, bs=2, crop=64, device='cpu', mix_with=others, mix=0.5, resident=False)
+    assert list(block.train_items.image_id) == list(tr.image_id) and list(block.valid_items.image_id) == list(dls.valid_items.image_id)
+    assert [len(mixed_rows(others, 3, s)) for s in (0, 0.25, 0.5, 0.9)] == [0, 1, 3, len(others)]
+    with pytest.raises(ValueError, match='at least 0 and below 1'): labelled_dataloaders(own, mix_with=others, mix=1)
+    with pytest.raises(ValueError, match='needs labelled rows to mix in'): labelled_dataloaders(own, mix=0.5)
+
+
 def test_labelled_dataloaders_refuse_bad_folders(fake, tmp_path):
     from nucleus_seg.io import labelled_pairs
     from synthetic import annotated_folder
     root = annotated_folder(fake.train.iloc[:3], tmp_path/'own')
     with pytest.raises(DSBDataError, match='training needs at least two'): labelled_dataloaders(labelled_pairs(root).iloc[:1])
+    two = labelled_dataloaders(fake.train.groupby('modality').head(1).iloc[:2], bs=1, crop=64, device='cpu')
+    assert len(two.train_items) == len(two.valid_items) == 1   # one image of each of two modalities: one validates
     first = labelled_pairs(root).label[0]
     save_label(np.zeros((5, 7), np.uint16), first)
     with pytest.raises(DSBDataError, match=rf'{first.name}: label image is 5×7, its image 96×128'):

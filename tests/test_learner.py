@@ -459,13 +459,14 @@ class StartWeights(Callback):
 def test_fine_tune_a_model_file_on_an_annotated_folder(fake, tiny_run, tmp_path):
     """`train_nucleus(data=folder, init=model)` starts from the model file's weights, keeps its network and input mode
     (not the ones asked for), splits the folder's own images, and records the folder and the starting model; the
-    starting model's scores are not carried over."""
+    starting model's scores are not carried over, and its thresholds are unless the run tunes its own."""
     from synthetic import annotated_folder
     _, src_run = tiny_run
     import shutil
     init = shutil.copy(src_run/'model.safetensors', tmp_path/'start.safetensors')
     sd0, cfg0 = read_model(init)
-    update_model(init, scores=dict(valid_dsb=0.5))   # a scored starting model (tune=False left it unscored)
+    post = dict(method='auto', fg_thresh=0.7, interior_thresh=0.6, min_size=25, fill_holes=True)
+    update_model(init, scores=dict(valid_dsb=0.5), postprocess=post)   # a scored and tuned starting model
     folder = annotated_folder(fake.train, tmp_path/'own')
     start = StartWeights()
     learn = train_nucleus(tmp_path/'run', data=folder, init=init, input_mode='grey', arch='resnet18', epochs=1, bs=3, crop=64,
@@ -478,5 +479,29 @@ def test_fine_tune_a_model_file_on_an_annotated_folder(fake, tiny_run, tmp_path)
     assert r['data'] == str(folder.resolve()) and (r['n_train'], r['n_valid']) == (6, 3)
     assert r['init'] == dict(file='start.safetensors', date=cfg0['date'], valid_dsb=0.5)
     assert 'scores' not in cfg and set(cfg['valid_ids']) <= set(fake.train.image_id) and len(cfg['diameters']) == 2
+    assert cfg['postprocess'] == post   # not tuned: the starting model's thresholds, not the defaults
     plain = read_model(src_run/'model.safetensors')[1]['recipe']
     assert plain['data'] is None and plain['init'] is None   # a run given its dls records neither
+
+
+def test_fine_tune_mixing_in_dsb2018(fake, tiny_run, tmp_path, monkeypatch):
+    """`mix=0.5` adds as many DSB2018 training images as the folder trains on, never the starting model's validation
+    images, and the recipe records them; mixing needs a folder of one's own, and DSB2018 unless `mix_with` is given."""
+    from synthetic import annotated_folder
+    from nucleus_seg.io import DSBDataError
+    init = tiny_run[1]/'model.safetensors'
+    held = set(read_model(init)[1]['valid_ids'])
+    folder = annotated_folder(fake.train.groupby('modality').head(2), tmp_path/'own')
+    monkeypatch.setenv('NUCLEUS_SEG_DATA', str(fake.path))
+    learn = train_nucleus(tmp_path/'run', data=folder, init=init, mix=0.5, cache=fake.cache, epochs=1, bs=3, crop=64, tune=False)
+    tr = learn.dls.train_items
+    assert tr.mixed.sum() == (~tr.mixed).sum() == 3 and not learn.dls.valid_items.mixed.any()
+    assert set(tr.image_id[tr.mixed]) <= set(fake.train.image_id) - held
+    r = read_model(tmp_path/'run'/'model.safetensors')[1]['recipe']
+    assert r['mix'] == dict(share=0.5, n=3, source='DSB2018') and r['n_train'] == 6
+    with pytest.raises(ValueError, match='mixing applies to training on a folder of your own'):
+        train_nucleus(tmp_path/'r2', data=fake.path, cache=fake.cache, mix=0.5, epochs=1)
+    with pytest.raises(ValueError, match='mix_with needs mix'): train_nucleus(tmp_path/'r2', data=folder, mix_with=folder, epochs=1)
+    monkeypatch.setenv('NUCLEUS_SEG_DATA', str(tmp_path/'nowhere'))
+    with pytest.raises(DSBDataError, match="mixing DSB2018's images in needs DSB2018"):
+        train_nucleus(tmp_path/'r3', data=folder, init=init, mix=0.5, cache=tmp_path/'cache', epochs=1)
