@@ -463,7 +463,7 @@ def _mix_source(mix_with, icfg=None, cache=None)->tuple:
     "Rows to mix into training on your own images, and their name: `mix_with`'s, or DSB2018's less the starting model's validation images"
     if isinstance(mix_with, (str, Path)): return labelled_pairs(mix_with),str(Path(mix_with).resolve())
     if mix_with is not None: return mix_with,'a table'
-    try: rows = prepare_dsb(None, 'train', cache, progress=False)
+    try: rows = prepare_dsb(None, 'train', cache)  # built with progress the first time, read from the cache after
     except DSBDataError as e: raise DSBDataError(f"mixing DSB2018's images in needs DSB2018 (or `mix_with`): {e}") from None
     return rows[~rows.image_id.isin((icfg or {}).get('valid_ids') or [])],'DSB2018'
 
