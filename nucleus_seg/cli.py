@@ -125,7 +125,7 @@ def _valid_items(model=None, data=None, cache=None):
     from nucleus_seg.data import prepare_dsb
     from nucleus_seg.io import labelled_pairs
     cfg = read_model(model or DEFAULT_MODEL)[1]
-    ids,folder = cfg.get('valid_ids'),cfg.get('recipe', {}).get('data', 'DSB2018')
+    ids,folder = cfg.get('valid_ids'),cfg.get('recipe', {}).get('data') or 'DSB2018'  # None: trained from given dataloaders, DSB2018's as before
     if not ids: raise CliError("this model file does not list its validation images: give SRC (labelled images)")
     if folder!='DSB2018' and not Path(folder).is_dir(): raise CliError(f"the model was trained on {folder}, which is gone: give SRC (labelled images)")
     df = prepare_dsb(data, 'train', cache) if folder=='DSB2018' else labelled_pairs(folder)

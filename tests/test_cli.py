@@ -438,3 +438,15 @@ def test_fine_tune_mixing_in_another_folder(fake, tmp_path, capsys):
     assert '--mix is the share of mixed-in training images' in capsys.readouterr().err and not (tmp_path/'no').exists()
     assert main(['train', '--data', str(own), '--mix-with', str(other), '--out', str(tmp_path/'no')]) != 0
     assert '--mix-with needs --mix' in capsys.readouterr().err and not (tmp_path/'no').exists()
+
+
+def test_valid_items_of_a_model_trained_from_given_dataloaders(fake, tiny_run):
+    """A model trained from `DataLoaders` it was given records no data source: its validation images are looked up in
+    DSB2018, as before folders were a source (not an error about a missing folder)."""
+    from nucleus_seg.cli import _valid_items
+    from nucleus_seg.learner import read_model
+    fn = tiny_run[1]/'model.safetensors'
+    cfg = read_model(fn)[1]
+    assert cfg['recipe']['data'] is None
+    items = _valid_items(fn, fake.path, fake.cache)
+    assert sorted(items.image_id) == sorted(cfg['valid_ids']) and len(items) > 0
