@@ -45,10 +45,10 @@ def annotated_folder(rows:pd.DataFrame, dest:Path)->Path:
         shutil.copy(r.image, dest/'images'/f'{r.image_id}.png'); shutil.copy(r.label, dest/'labels'/f'{r.image_id}.png')
     return dest
 
-def scores(fn, valid:pd.DataFrame, mix:dict)->tuple:
-    "Validation scores of model file `fn` (None: the bundled model): per modality and test mix, and the seconds"
+def scores(fn, valid:pd.DataFrame, mix:dict, **post)->tuple:
+    "Validation scores of model file `fn` (None: the bundled model; `post`: other thresholds): per modality and test mix, and the seconds"
     t = time.perf_counter()
-    _, df = evaluate_model(load_segmenter(fn), valid, show_progress=False)
+    _, df = evaluate_model(load_segmenter(fn, **post), valid, show_progress=False)
     ms = modality_scores(df, mix).dsb
     return {k: round(float(v), 4) for k, v in ms.items()}, round(time.perf_counter() - t, 1)
 
@@ -73,8 +73,7 @@ def rescore(out:Path, work:Path, start, valid:pd.DataFrame, mix:dict):
     for row in meta['runs']:
         fn = work/'runs'/row['run'].replace(' ', '_')/'model.safetensors'
         if not row['run'].startswith('fine-tuned') or not fn.exists(): continue
-        _, df = evaluate_model(load_segmenter(fn, **post), valid, show_progress=False)
-        row['start_thresholds'] = {k: round(float(v), 4) for k, v in modality_scores(df, mix).dsb.items()}
+        row['start_thresholds'] = scores(fn, valid, mix, **post)[0]
         print(row['run'], row['start_thresholds'], flush=True)
     print(report(out, meta).to_string(index=False))
 
