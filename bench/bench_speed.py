@@ -9,11 +9,14 @@
     device) and `nucleus_learner` (bf16 and channels-last on CUDA), same encoder, crop and batch size;
 (c) with `--compile`, also (b) with `compile_unet` (`project_compiled`), with `--cudnn-benchmark`, (b) with cuDNN's
     autotuner on (`project_cudnn`: `torch.backends.cudnn.benchmark`, off by default in torch and fastai), and with
-    `--adam`, (b) with fastai's `Adam` in place of `fused_adamw` (`project_adam`), in the same run.
+    `--adam`, (b) with fastai's `Adam` in place of `fused_adamw` (`project_adam`), and with `--pad8`, (b) with 8 input
+    channels, 5 of them zero (`project_pad8`: the U-Net's convolutions then have no channel count that cuDNN pads to a
+    multiple of 8, but the 3-class output), in the same run.
 With `--count-ops`, the tensor operations dispatched per training batch of (a), (b) and, with `--adam`, `project_adam`,
 by phase (data, forward, loss, backward, optimiser step, zeroing and callbacks): each costs host time, whatever the device.
-With `--profile N`, N training batches of (b) run under `torch.profiler`: the operators taking the most device time,
-and the device time by kind of operator (convolutions and matrix products, normalisation, the rest).
+With `--profile N`, N training batches of (b) run under `torch.profiler`: the device time summed over the kernels, by
+kind (convolutions and matrix products, cuDNN's channel padding, normalisation, the rest), the top kernels, and the
+top operators by the device time of the kernels they launch (`device_busy_fraction`: kernel time over wall time).
 With `--epoch-times`, whole epochs of (b), validation and its DSB score included, with the score computed in the training
 process and in `DSBMetric`'s default worker processes (seconds per epoch, median of the epochs after the first).
 Training images/s are the median of `--repeats` timed runs of `--steps` batches after `--warmup` batches (validation
@@ -34,7 +37,7 @@ from fastai.vision.all import (Callback, CancelFitException, CancelValidExceptio
 from torch.utils.flop_counter import FlopCounterMode
 from nucleus_seg.io import read_label, read_image
 from nucleus_seg.data import prepare_dsb, dsb_dataloaders, instance_target, modality_subset, TARGET_CODES
-from nucleus_seg.learner import nucleus_learner, NucleusLoss, DSBMetric, encoder_fn, compile_unet, load_model
+from nucleus_seg.learner import nucleus_learner, NucleusLoss, DSBMetric, encoder_fn, compile_unet, load_model, unet_model
 from fastai.optimizer import Adam
 from torch.utils._python_dispatch import TorchDispatchMode
 from nucleus_seg.inference import Segmenter, segment_folder, DEFAULT_MODEL
@@ -85,11 +88,20 @@ def plain_learner(a, dev, df):
     learn = unet_learner(plain_dls(df, a, dev), encoder_fn(a.arch), pretrained=False, n_out=3, loss_func=CrossEntropyLossFlat(axis=1))
     return learn.to_bf16() if torch.device(dev).type == 'cuda' else learn
 
+class PadChannels(Callback):
+    "Zero channels appended to each input batch, `n` channels in all"
+    def __init__(self, n=8): self.n = n
+    def before_batch(self):
+        x = self.xb[0]
+        self.learn.xb = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, self.n-x.shape[1])).contiguous(memory_format=torch.channels_last),)
+
 def learner_of(kind, a, dev, df):
-    "The learner of a variant: 'plain', 'project', 'project_adam' (fastai's `Adam`), 'project_compiled', 'project_cudnn'"
+    "The learner of a variant: 'plain', 'project', 'project_adam' (fastai's `Adam`), 'project_compiled', 'project_cudnn', 'project_pad8'"
     if kind == 'plain': return plain_learner(a, dev, df)
     learn = project_learner(a, dev, **(dict(opt_func=Adam) if kind == 'project_adam' else {}))
     if kind == 'project_compiled': compile_unet(learn.model)
+    if kind == 'project_pad8':   # 8 input channels: every convolution's channels a multiple of 8 but the 3-class output
+        learn.model = unet_model(a.arch, learn.nucleus['n_out'], (a.crop, a.crop), n_in=8); learn.add_cb(PadChannels(8))
     return learn
 
 def train_speed(kind, a, dev, df):
@@ -118,22 +130,35 @@ class Profile(TrainingBatches):
         self.i += 1
         if self.i == self.warmup+self.steps: sync(self.dls.device); self.prof.__exit__(None, None, None); raise CancelFitException()
 
-KINDS = {'conv/matmul': ('conv', 'cudnn', 'gemm', 'mm', 'xmma', 'wgrad', 'dgrad', 'fprop'), 'normalisation': ('norm',)}
+KINDS = {'channel padding': ('padding',), 'conv/matmul': ('conv', 'cudnn', 'gemm', 'mm', 'xmma', 'wgrad', 'dgrad', 'fprop', 'cutlass'),
+         'normalisation': ('norm',)}   # the first match counts: cuDNN's padding kernels name cudnn too
+
+def kind_of(name):
+    "The kind of an operator or kernel, from its name"
+    return next((k for k, pats in KINDS.items() if any(q in name.lower() for q in pats)), 'other')
 
 def profile(a, dev):
-    "Device time of `a.profile` training batches of the project path, by operator and by kind of operator"
+    "Device time of `a.profile` training batches of the project path: by kernel kind, top kernels and top operators"
     learn = project_learner(a, dev)
     cb = Profile(a.warmup, a.profile)
     with learn.no_bar(), learn.no_logging(): learn.fit(10**6, 1e-3, cbs=cb)
-    cuda = torch.device(dev).type == 'cuda'
     ev = cb.prof.key_averages()
-    def t(e): return getattr(e, 'self_device_time_total', getattr(e, 'self_cuda_time_total', 0)) if cuda else e.self_cpu_time_total
-    total = sum(t(e) for e in ev) or 1
+    if torch.device(dev).type == 'cuda':
+        # an operator's self device time repeats its kernels' time: totals are summed over the kernels alone
+        def t(e): return getattr(e, 'self_device_time_total', getattr(e, 'self_cuda_time_total', 0))
+        # a `record_function` span (the DataLoader's) shows on the device timeline too: not a kernel
+        kernels = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, 'is_user_annotation', False)]
+        ops = [e for e in ev if e.device_type != torch.autograd.DeviceType.CUDA and t(e) > 0]
+    else:
+        def t(e): return e.self_cpu_time_total
+        kernels = ops = list(ev)
+    total = sum(t(e) for e in kernels) or 1
     kinds = {k: 0.0 for k in [*KINDS, 'other']}
-    for e in ev: kinds[next((k for k, pats in KINDS.items() if any(q in e.key.lower() for q in pats)), 'other')] += t(e)
-    top = sorted(ev, key=t, reverse=True)[:20]
+    for e in kernels: kinds[kind_of(e.key)] += t(e)
+    def top(es): return [dict(op=e.key[:120], ms_per_step=round(t(e)/1e3/a.profile, 3), fraction=round(t(e)/total, 3), calls=e.count)
+                         for e in sorted(es, key=t, reverse=True)[:15]]
     return dict(steps=a.profile, device_ms_per_step=total/1e3/a.profile, fraction_by_kind={k: round(v/total, 3) for k, v in kinds.items()},
-                top=[dict(op=e.key[:120], ms_per_step=round(t(e)/1e3/a.profile, 3), fraction=round(t(e)/total, 3), calls=e.count) for e in top])
+                top_kernels=top(kernels), top=top(ops))
 
 class _Count(TorchDispatchMode):
     "Count the tensor operations dispatched while active"
@@ -233,6 +258,8 @@ def main(argv=None):
     ap.add_argument('--compile', action='store_true', help='also time the project path with compile_unet (a variant)')
     ap.add_argument('--cudnn-benchmark', action='store_true', help="also time the project path with cuDNN's autotuner on (a variant)")
     ap.add_argument('--adam', action='store_true', help="also time the project path with fastai's Adam (a variant)")
+    ap.add_argument('--pad8', action='store_true', help="also time the project path with 8 input channels, 5 of them zero (a variant: "
+                                                        "no convolution then has a channel count cuDNN pads)")
     ap.add_argument('--count-ops', action='store_true', help='count the tensor operations per training batch, by phase')
     ap.add_argument('--profile', type=int, default=0, help='profile this many training batches of the project path')
     ap.add_argument('--epoch-times', action='store_true', help="time whole epochs with the DSB score in this process and in DSBMetric's workers")
@@ -249,7 +276,9 @@ def main(argv=None):
     res = dict(device=name, torch=torch.__version__, date=time.strftime('%Y-%m-%d %H:%M'), args=vars(a))
     df = prepare_dsb(progress=False)
     if a.n_items: df = modality_subset(df, a.n_items)
-    learners, kinds = {}, ('plain', 'project') + (('project_cudnn',) if a.cudnn_benchmark else ()) + (('project_adam',) if a.adam else ()) + (('project_compiled',) if a.compile else ())
+    res['n_train_images'] = len(df)
+    learners, kinds = {}, ('plain', 'project') + (('project_cudnn',) if a.cudnn_benchmark else ()) + (('project_adam',) if a.adam else ()) + (('project_pad8',) if a.pad8 else ())
+    kinds += ('project_compiled',) if a.compile else ()
     for kind in kinds:
         try: res[kind], learners[kind] = train_speed(kind, a, dev, df)
         except Exception as e:
