@@ -25,7 +25,7 @@ from fastai.vision.models import xresnet
 import nucleus_seg
 from .io import atomic_write, interactive, read_label, label_folder, labelled_pairs, DSBDataError
 from .data import dsb_dataloaders, labelled_dataloaders, prepare_dsb, TARGET_CODES
-from .instances import instance_pool, diameter_range
+from .instances import instance_pool, diameter_range, DEFAULT_POST
 from .metrics import crop_score
 
 # %% ../nbs/05_learner.ipynb #dc495e0e
@@ -549,7 +549,7 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
             learn.nucleus = read_model(path/model_file)[1]
             return learn
     learn.nucleus.update(
-        tta=True, postprocess=dict(icfg['postprocess']) if init else dict(method='auto', fg_thresh=0.5, interior_thresh=0.5, min_size=15),
+        tta=True, postprocess=dict(icfg['postprocess']) if init else dict(method='auto', **DEFAULT_POST),
         recipe=dict(trained_by='nucleus_seg.learner.train_nucleus', epochs=epochs, lr=lr, bs=dls.bs,
                     crop=getattr(dls.train, 'crop', crop), valid_crop=getattr(dls.valid, 'crop', valid_crop),
                     zoom=getattr(dls.train, 'zoom', zoom), input_mode=getattr(dls, 'input_mode', input_mode), seed=seed,
