@@ -6,12 +6,16 @@
 (a) plain: the fastai recipe as a user would write it: a `DataBlock` over the cached PNGs (`RandomCrop`, fastai's
     `aug_transforms`, ImageNet `Normalize`), `unet_learner`, the default `DataLoader` (fastai's worker count).
 (b) project: what `train_nucleus` runs: `dsb_dataloaders` (decoded once, crops and flips as one gather on the
-    device) and `nucleus_learner` (bf16 and channels-last on CUDA), same encoder, crop and batch size;
+    device) and `nucleus_learner` (bf16 with bf16 inputs and channels-last on CUDA, and training batches that never
+    make the host wait for the device), same encoder, crop and batch size;
 (c) with `--compile`, also (b) with `compile_unet` (`project_compiled`), with `--cudnn-benchmark`, (b) with cuDNN's
     autotuner on (`project_cudnn`: `torch.backends.cudnn.benchmark`, off by default in torch and fastai), and with
     `--adam`, (b) with fastai's `Adam` in place of `fused_adamw` (`project_adam`), and with `--pad8`, (b) with 8 input
     channels, 5 of them zero (`project_pad8`: the U-Net's convolutions then have no channel count that cuDNN pads to a
-    multiple of 8, but the 3-class output), in the same run.
+    multiple of 8, but the 3-class output), and with both `--pad8` and `--compile`, the two together
+    (`project_pad8_compiled`), in the same run.
+Each variant also reports its host waits per training batch (`host_syncs` calls, and on CUDA the synchronising calls
+that `torch.cuda.set_sync_debug_mode` reports), the loading of the next batches included.
 With `--count-ops`, the tensor operations dispatched per training batch of (a), (b) and, with `--adam`, `project_adam`,
 by phase (data, forward, loss, backward, optimiser step, zeroing and callbacks): each costs host time, whatever the device.
 With `--profile N`, N training batches of (b) run under `torch.profiler`: the device time summed over the kernels, by
@@ -30,6 +34,7 @@ FLOPs per image (training step and forward) come from `torch.utils.flop_counter`
 rate is also given as a fraction of the device's dense bf16 peak. Results: `bench/results/speed_<device>.json`.
 """
 import argparse, json, os, platform, time, warnings
+from collections import Counter
 from pathlib import Path
 import numpy as np, torch
 from fastai.vision.all import (Callback, CancelFitException, CancelValidException, DataBlock, ImageBlock, MaskBlock, RandomCrop, aug_transforms,
@@ -37,7 +42,7 @@ from fastai.vision.all import (Callback, CancelFitException, CancelValidExceptio
 from torch.utils.flop_counter import FlopCounterMode
 from nucleus_seg.io import read_label, read_image
 from nucleus_seg.data import prepare_dsb, dsb_dataloaders, instance_target, modality_subset, TARGET_CODES
-from nucleus_seg.learner import nucleus_learner, NucleusLoss, DSBMetric, encoder_fn, compile_unet, load_model, unet_model
+from nucleus_seg.learner import nucleus_learner, NucleusLoss, DSBMetric, encoder_fn, compile_unet, load_model, unet_model, host_syncs
 from fastai.optimizer import Adam
 from torch.utils._python_dispatch import TorchDispatchMode
 from nucleus_seg.inference import Segmenter, segment_folder, DEFAULT_MODEL
@@ -96,13 +101,45 @@ class PadChannels(Callback):
         self.learn.xb = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, self.n-x.shape[1])).contiguous(memory_format=torch.channels_last),)
 
 def learner_of(kind, a, dev, df):
-    "The learner of a variant: 'plain', 'project', 'project_adam' (fastai's `Adam`), 'project_compiled', 'project_cudnn', 'project_pad8'"
+    "The learner of a variant: 'plain', 'project', 'project_adam' (fastai's `Adam`), 'project_compiled', 'project_cudnn', 'project_pad8', 'project_pad8_compiled'"
     if kind == 'plain': return plain_learner(a, dev, df)
     learn = project_learner(a, dev, **(dict(opt_func=Adam) if kind == 'project_adam' else {}))
-    if kind == 'project_compiled': compile_unet(learn.model)
-    if kind == 'project_pad8':   # 8 input channels: every convolution's channels a multiple of 8 but the 3-class output
+    if 'pad8' in kind:   # 8 input channels: every convolution's channels a multiple of 8 but the 3-class output
         learn.model = unet_model(a.arch, learn.nucleus['n_out'], (a.crop, a.crop), n_in=8); learn.add_cb(PadChannels(8))
+    if kind.endswith('compiled'): compile_unet(learn.model)
     return learn
+
+class Waits(TrainingBatches):
+    """Host waits per training batch over `steps` batches after `warmup`, the loading of the next batches included and
+    epoch ends left out: `host_syncs` calls, and on CUDA the synchronising calls that its debug mode reports"""
+    def __init__(self, warmup=2, steps=8): self.warmup,self.steps = warmup,steps
+    def before_fit(self): self.i,self.calls,self.n_cuda,self.hs = 0,Counter(),0,None
+    def before_batch(self):
+        if not self.training or self.i < self.warmup or self.hs is not None: return
+        self.hs = host_syncs().__enter__()
+        if torch.cuda.is_available():
+            self.ws = warnings.catch_warnings(record=True); self.rec = self.ws.__enter__()
+            warnings.simplefilter('always'); torch.cuda.set_sync_debug_mode('warn')
+    def _pause(self):
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode(0); self.ws.__exit__(None, None, None)
+            self.n_cuda += sum('synchroniz' in str(w.message) for w in self.rec)
+        self.hs.__exit__(None, None, None); self.calls += self.hs.calls; self.hs = None
+    def after_batch(self):
+        if not self.training: return
+        self.i += 1
+        if self.hs is None: return
+        if self.i == self.warmup+self.steps: self._pause(); raise CancelFitException()
+        if self.iter == self.n_iter-1: self._pause()  # the epoch's end and the next one's start are not counted
+    @property
+    def result(self): return dict(cuda_syncs_per_batch=self.n_cuda/self.steps if torch.cuda.is_available() else None,
+                                  host_sync_calls_per_batch={k: v/self.steps for k,v in self.calls.items()})
+
+def host_waits(learn):
+    "What `Waits` finds in a short fit of `learn`"
+    w = Waits()
+    with learn.no_bar(), learn.no_logging(): learn.fit(10**6, 1e-3, cbs=w)
+    return w.result
 
 def train_speed(kind, a, dev, df):
     "Training images/s (median of the timed runs) and peak GPU memory"
@@ -110,12 +147,13 @@ def train_speed(kind, a, dev, df):
     torch.backends.cudnn.benchmark = kind == 'project_cudnn' or bench0
     learn = learner_of(kind, a, dev, df)
     if torch.device(dev).type == 'cuda': torch.cuda.reset_peak_memory_stats()
-    warmup = max(a.warmup, len(learn.dls.train)+2) if kind == 'project_compiled' else a.warmup  # compiled for both batch shapes first
+    warmup = max(a.warmup, len(learn.dls.train)+2) if kind.endswith('compiled') else a.warmup  # compiled for both batch shapes first
     cb = Throughput(warmup, a.steps, a.repeats)
     with learn.no_bar(), learn.no_logging(): learn.fit(10**6, 1e-3, cbs=cb)
     mem = torch.cuda.max_memory_allocated()/2**30 if torch.device(dev).type == 'cuda' else None
+    waits = {} if kind.endswith('compiled') else host_waits(learn)  # a function mode around a compiled model could recompile it
     torch.backends.cudnn.benchmark = bench0
-    return dict(train_images_per_s=float(np.median(cb.rates)), runs=[round(r, 2) for r in cb.rates], peak_train_mem_gib=mem), learn
+    return dict(train_images_per_s=float(np.median(cb.rates)), runs=[round(r, 2) for r in cb.rates], peak_train_mem_gib=mem, **waits), learn
 
 class Profile(TrainingBatches):
     "Run `steps` training batches after `warmup` ones under `torch.profiler`, then stop"
@@ -278,7 +316,7 @@ def main(argv=None):
     if a.n_items: df = modality_subset(df, a.n_items)
     res['n_train_images'] = len(df)
     learners, kinds = {}, ('plain', 'project') + (('project_cudnn',) if a.cudnn_benchmark else ()) + (('project_adam',) if a.adam else ()) + (('project_pad8',) if a.pad8 else ())
-    kinds += ('project_compiled',) if a.compile else ()
+    kinds += (('project_compiled',) if a.compile else ()) + (('project_pad8_compiled',) if a.compile and a.pad8 else ())
     for kind in kinds:
         try: res[kind], learners[kind] = train_speed(kind, a, dev, df)
         except Exception as e:

@@ -389,6 +389,7 @@ class ResidentData:
         self.img = torch.cat([torch.as_tensor(np.asarray(i)).reshape(self.nc, -1) for i in imgs], 1)
         self.tgt = torch.cat([torch.as_tensor(np.asarray(t)).reshape(-1) for t in tgts])
         self.h, self.w = hs, ws
+        self.hw = np.stack([hs.numpy(), ws.numpy()], 1)  # sizes kept on the host too, so `crops` asks the device nothing
         self.to(device)
 
     @classmethod
@@ -416,14 +417,16 @@ class ResidentData:
 # %% ../nbs/01_data.ipynb #d2275c91
 @patch
 def crops(self:ResidentData,
-          idxs, # image indices (list or tensor)
+          idxs, # image indices (list, range or CPU tensor)
           size:int, # crop size (square)
           random:bool=True, # random offsets and dihedral; else centred, untransformed
           gen:torch.Generator=None, # random generator on the data's device
          ):
     "Batch of `size`² crops: `TensorImage` B×3×S×S `uint8` and `TensorMask` B×S×S `uint8`."
     dev = self.device
-    idxs = torch.as_tensor(idxs, device=dev, dtype=torch.long)
+    idxs = np.asarray(idxs, dtype=np.int64)
+    padded = (self.hw[idxs] < size).any()  # some image smaller than the crop, decided on the host
+    idxs = torch.from_numpy(idxs).to(dev, non_blocking=True)
     h, w, off, b = self.h[idxs], self.w[idxs], self.offs[idxs], len(idxs)
     if random:
         u = torch.rand(b, 2, device=dev, generator=gen)
@@ -438,9 +441,9 @@ def crops(self:ResidentData,
     ys, xs = torch.minimum(ys.clamp(min=0), h[:, None]-1), torch.minimum(xs.clamp(min=0), w[:, None]-1)
     flat = (off[:, None] + ys*w[:, None])[:, :, None] + xs[:, None, :]  # B×S×S pixel indices
     tr = (d & 4).bool()
-    if tr.any(): flat = torch.where(tr[:, None, None], flat.transpose(1, 2), flat)
+    flat = torch.where(tr[:, None, None], flat.transpose(1, 2), flat)
     img, tgt = self.img[:, flat].transpose(0, 1), self.tgt[flat]
-    if not (ym.all() and xm.all()):
+    if padded:
         inside = ym[:, :, None] & xm[:, None, :]
         inside = torch.where(tr[:, None, None], inside.transpose(1, 2), inside)
         img, tgt = img*inside[:, None], tgt*inside

@@ -6,22 +6,25 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/learner.html.md"""
 
 # %% auto #0
 __all__ = ['ARCHS', 'WEIGHTS_URL_ENV', 'MODEL_FORMAT', 'MODEL_FORMAT_VERSION', 'NucleusLoss', 'cpu_workers', 'DSBMetric',
-           'encoder_fn', 'unet_model', 'imagenet_weights_url', 'load_imagenet_weights', 'fused_adamw',
-           'nucleus_learner', 'atomic_save', 'BestModelCallback', 'CheckpointCallback', 'HistoryCallback',
-           'read_checkpoint', 'load_checkpoint', 'ModelFileError', 'save_model', 'read_model', 'load_model',
-           'learner_from_file', 'update_model', 'compile_unet', 'fix_gloo_broadcast', 'check_run_folder', 'TrainTimer',
-           'train_nucleus', 'plot_history']
+           'encoder_fn', 'unet_model', 'imagenet_weights_url', 'load_imagenet_weights', 'fused_adamw', 'host_syncs',
+           'DeviceSmoothLoss', 'SyncFreeRecorder', 'BF16Input', 'nucleus_learner', 'atomic_save', 'BestModelCallback',
+           'CheckpointCallback', 'HistoryCallback', 'read_checkpoint', 'load_checkpoint', 'ModelFileError',
+           'save_model', 'read_model', 'load_model', 'learner_from_file', 'update_model', 'compile_unet',
+           'fix_gloo_broadcast', 'check_run_folder', 'TrainTimer', 'train_nucleus', 'plot_history']
 
 # %% ../nbs/05_learner.ipynb #d771e6cd
 import os, sys, json, socket, time, warnings, datetime, contextlib
+from collections import Counter
 from functools import partial
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F, torchvision
 from fastcore.all import store_attr, ifnone, L, risinstance, first, nested_attr
 from fastai.vision.all import (Callback, Metric, Learner, SaveModelCallback, Normalize, get_model, AMPMode, set_seed,
-                               create_unet_model, model_meta, OptimWrapper)
+                               create_unet_model, model_meta, OptimWrapper, Recorder, AvgSmoothLoss,
+                               MixedPrecision, to_detach)
 from fastai.vision.learner import create_body, _default_meta
 from fastai.vision.models import xresnet
+from torch.overrides import TorchFunctionMode
 import nucleus_seg
 from .io import atomic_write, interactive, read_label, label_folder, labelled_pairs, DSBDataError
 from .data import dsb_dataloaders, labelled_dataloaders, prepare_dsb, TARGET_CODES
@@ -40,7 +43,8 @@ class NucleusLoss(nn.Module):
 
     def forward(self, pred, targ):
         pred,targ = pred.as_subclass(torch.Tensor).float(),targ.as_subclass(torch.Tensor).long()
-        loss = F.cross_entropy(pred, targ, weight=pred.new_tensor(self.class_weights[:pred.shape[1]]))
+        w = torch.tensor(self.class_weights[:pred.shape[1]], dtype=pred.dtype).to(pred.device, non_blocking=True)  # the host does not wait
+        loss = F.cross_entropy(pred, targ, weight=w)
         if not self.dice_weight: return loss
         p = pred.softmax(1)[:,1:]
         t = F.one_hot(targ, pred.shape[1]).permute(0,3,1,2)[:,1:].to(p.dtype)
@@ -148,6 +152,60 @@ def fused_adamw(params, # parameters, or parameter groups from a learner's split
     kw = dict(betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01, fused=True) | kwargs
     return OptimWrapper(params, opt=torch.optim.AdamW, lr=lr, **kw)
 
+# %% ../nbs/05_learner.ipynb #2ec6c75b
+_READS = {'item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__', '__format__'}
+
+def _blocking_copy(name, args, kwargs)->bool:
+    "Is this call a copy between host and device without `non_blocking` (which waits for the device)?"
+    if name == 'to':
+        dev,_,nb,_ = torch._C._nn._parse_to(*args[1:], **kwargs)
+        return dev is not None and dev.type != args[0].device.type and not nb
+    if name == 'cuda': return args[0].device.type != 'cuda' and not kwargs.get('non_blocking')
+    return name == 'new_tensor' or name in ('tensor', 'as_tensor') and kwargs.get('device') is not None
+
+class host_syncs(TorchFunctionMode):
+    "Context manager counting the tensor calls that make the host wait for the device: `calls` by name, `n` in all"
+    def __init__(self): super().__init__(); self.calls = Counter()
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs,name = kwargs or {},getattr(func, '__name__', '')
+        if name in _READS or _blocking_copy(name, args, kwargs): self.calls[name] += 1
+        return func(*args, **kwargs)
+    @property
+    def n(self)->int: return sum(self.calls.values())
+
+# %% ../nbs/05_learner.ipynb #b2116706
+class DeviceSmoothLoss(AvgSmoothLoss):
+    "fastai's exponentially smoothed loss, kept on the loss's device"
+    def accumulate(self, learn):
+        self.count += 1
+        loss = to_detach(learn.loss.mean(), cpu=False).float()  # gathered from all processes, as fastai's is
+        self.val = torch.lerp(loss, self.val.to(loss.device, non_blocking=True), self.beta)
+
+class SyncFreeRecorder(Callback):
+    "The `Recorder`'s smoothed loss on the device: read back once an epoch, and every `every` batches for a progress bar"
+    order = Recorder.order+5  # after the `Recorder`, before the progress bar
+    def __init__(self, every:int=25): self.every = every
+    def before_fit(self):
+        if not isinstance(self.recorder.smooth_loss, DeviceSmoothLoss): self.recorder.smooth_loss = DeviceSmoothLoss()  # later fits reset it
+        self.shown = np.float32('nan')
+    def before_train(self): self.start = len(self.recorder.losses)
+    def after_batch(self):
+        if not self.training: return
+        if 'progress' in self.learn.__dict__ and self.iter % self.every == 0: self.shown = np.float32(self.recorder.smooth_loss.value.item())
+        self.learn.smooth_loss = self.shown
+    def after_train(self):
+        losses = self.recorder.losses
+        if len(losses) > self.start: losses[self.start:] = torch.stack(losses[self.start:]).cpu().unbind()
+        self.learn.smooth_loss = losses[-1] if losses else self.shown
+
+class BF16Input(Callback):
+    "Hand the network its floating-point inputs in bfloat16 where autocast runs it in bfloat16"
+    order = MixedPrecision.order+1  # after `MixedPrecision` enters autocast
+    def before_batch(self):
+        dev = self.xb[0].device.type
+        if not (torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16): return
+        self.learn.xb = tuple(x.to(torch.bfloat16) if x.is_floating_point() else x for x in self.xb)
+
 # %% ../nbs/05_learner.ipynb #94df63ba
 def _load_body(learn, arch, sd):
     "Copy the encoder part of the torchvision state dict `sd` into `learn.model`'s body"
@@ -173,7 +231,7 @@ def nucleus_learner(dls, # `DataLoaders` from `dsb_dataloaders` (images and clas
                     model_dir=None, # download cache for the weights
                     loss_func=None, # defaults to `NucleusLoss()`
                     metrics=None, # defaults to `DSBMetric()`
-                    mixed_precision:bool=None, # bf16 + channels-last; defaults to True on CUDA, False on the CPU
+                    mixed_precision:bool=None, # bf16 + channels-last (and `BF16Input`); defaults to True on CUDA, False on the CPU
                     channels_last:bool=True, # without `mixed_precision`, still train in the channels-last layout (faster on CPUs)
                     opt_func=fused_adamw, # the optimiser (fastai's `Adam` is the same arithmetic, one tensor at a time)
                     **kwargs # passed to fastai's `Learner` (`path`, `cbs`, `wd`...)
@@ -195,9 +253,9 @@ def nucleus_learner(dls, # `DataLoaders` from `dsb_dataloaders` (images and clas
                          input=dict(mode=getattr(dls, 'input_mode', 'grey'), mean=norm.mean.flatten().tolist(),
                                     std=norm.std.flatten().tolist()))
     if ifnone(mixed_precision, torch.device(ifnone(dls.device, 'cpu')).type=='cuda'):
-        learn.to_channelslast(amp_mode=AMPMode.BF16)
+        learn.to_channelslast(amp_mode=AMPMode.BF16).add_cb(BF16Input())
     elif channels_last: learn.to_channelslast(use_amp=False)
-    return learn
+    return learn.add_cb(SyncFreeRecorder())
 
 # %% ../nbs/05_learner.ipynb #bebcabad
 def atomic_save(obj, # anything `torch.save` takes

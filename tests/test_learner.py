@@ -7,7 +7,8 @@ import importlib.util, json, os, pickle, subprocess, sys, warnings
 from pathlib import Path
 
 import numpy as np, pytest, torch
-from fastai.vision.all import Callback, Metric
+from collections import Counter
+from fastai.vision.all import Callback, Metric, MixedPrecision
 
 from nucleus_seg.io import read_image, input_stats
 from nucleus_seg.data import dsb_dataloaders, instance_target, ResidentData, ResidentDL
@@ -163,6 +164,65 @@ def test_learner_on_datablock_dataloaders(fake):
     learn = nucleus_learner(dls)
     assert learn.nucleus['classes'] == ['background', 'nucleus', 'boundary']
     learn.fit(1, 1e-3)
+
+
+class RawLosses(Callback):
+    "The loss of every training batch, read back (tests only: this waits for the device)."
+    order = 100
+    def before_fit(self): self.raw = []
+    def after_batch(self):
+        if self.training: self.raw.append(self.learn.loss.item())
+
+
+class CountSyncs(Callback):
+    "`host_syncs` of the training epochs, from each epoch's first batch to its end."
+    order = -20
+    def before_fit(self): self.counts, self.batches = Counter(), 0
+    def before_batch(self):
+        if self.training and self.iter == 0: self.hs = host_syncs().__enter__()
+    def after_train(self): self.hs.__exit__(None, None, None); self.counts += self.hs.calls; self.batches += self.n_iter
+
+
+def test_sync_free_recorder_records_fastais_smoothed_loss(dls):
+    learn, raw = nucleus_learner(dls, metrics=[]), RawLosses()
+    with learn.no_bar(), learn.no_logging(): learn.fit(3, 1e-3, cbs=raw)
+    val, smooth = 0., []
+    for k, l in enumerate(raw.raw, 1): val = l + 0.98*(val-l); smooth.append(val/(1-0.98**k))  # torch.lerp(l, val, 0.98)
+    assert all(isinstance(o, torch.Tensor) and o.device.type == 'cpu' for o in learn.recorder.losses)
+    np.testing.assert_allclose([float(o) for o in learn.recorder.losses], smooth, rtol=1e-5)
+    np.testing.assert_allclose(learn.recorder.values[-1][0], smooth[-1], rtol=1e-5)  # the epoch's train_loss
+
+
+def test_progress_bar_reads_the_loss_every_few_batches(fake):
+    dls = dsb_dataloaders(fake.path, cache=fake.cache, n_items=8, crop=32, bs=2, n=12, device='cpu')  # 6 batches an epoch
+    learn, cb = nucleus_learner(dls, metrics=[]), CountSyncs()
+    learn.sync_free_recorder.every = 2
+    with learn.no_logging(): learn.fit(2, 1e-3, cbs=cb)
+    assert cb.batches == 12 and cb.counts == Counter(item=6)  # batches 0, 2 and 4 of each epoch
+    assert isinstance(learn.smooth_loss, torch.Tensor)
+    cb = CountSyncs()
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cb)
+    assert cb.batches == 6 and cb.counts == Counter()
+
+
+class Inputs(Callback):
+    "dtype of the network's input and of the U-Net's last cross-connection, batch by batch, under CPU bf16 autocast."
+    order = MixedPrecision.order
+    def before_fit(self):
+        self.seen, merge = [], [m for m in self.learn.model.modules() if type(m).__name__ == 'MergeLayer'][-1]
+        merge.register_forward_hook(lambda m, i, o: self.seen.append(o.dtype))
+        self.learn.model.register_forward_pre_hook(lambda m, i: self.seen.append(i[0].dtype))
+    def before_batch(self): self.ac = torch.autocast('cpu', dtype=torch.bfloat16); self.ac.__enter__()
+    def after_loss(self): self.ac.__exit__(None, None, None)
+
+
+def test_bf16_input_makes_the_last_cross_connection_bf16(dls):
+    for cbs, want in (([], torch.float32), ([BF16Input()], torch.bfloat16)):
+        learn, ins = nucleus_learner(dls, metrics=[], cbs=cbs), Inputs()
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=ins)
+        assert ins.seen[:2] == [want, want], ins.seen[:2]
+    learn = nucleus_learner(dls, metrics=[], cbs=[BF16Input()])   # no autocast: inputs left as they are
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
 
 
 # ---------- model files ----------
