@@ -17,6 +17,9 @@
 # --infer-workers default"). GPU_COMPACT_EPOCHS and GPU_COMPACT_LIMIT (seconds from the start) size "compact".
 # All four do not fit one call: "train notebooks" took about 440 s on an H200, "compact" 411 s, and "speed speed-compact"
 # 480 s (before --pad8: add about 20 s). The carried files must fit 64 MiB with the tree: bench/gpu_pack.py sees to it.
+# Next call on a GPU (only the ratio target is unmet): GPU_SPEED_ARGS="--peak-tflops 989 --pad8 --compile --profile 20
+# --infer-workers default" with the default steps, timeout_s about 400: plain, the project (host waits gone, bf16 input),
+# pad8, compiled, pad8 compiled, each with its synchronising calls per batch. Then "train notebooks" if time is left.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
