@@ -7,10 +7,10 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/learner.html.md"""
 # %% auto #0
 __all__ = ['ARCHS', 'WEIGHTS_URL_ENV', 'MODEL_FORMAT', 'MODEL_FORMAT_VERSION', 'NucleusLoss', 'cpu_workers', 'DSBMetric',
            'encoder_fn', 'unet_model', 'imagenet_weights_url', 'load_imagenet_weights', 'fused_adamw', 'host_syncs',
-           'DeviceSmoothLoss', 'SyncFreeRecorder', 'BF16Input', 'nucleus_learner', 'atomic_save', 'BestModelCallback',
-           'CheckpointCallback', 'HistoryCallback', 'read_checkpoint', 'load_checkpoint', 'ModelFileError',
-           'save_model', 'read_model', 'load_model', 'learner_from_file', 'update_model', 'compile_unet',
-           'fix_gloo_broadcast', 'check_run_folder', 'TrainTimer', 'train_nucleus', 'plot_history']
+           'HostSyncCounter', 'DeviceSmoothLoss', 'SyncFreeRecorder', 'BF16Input', 'nucleus_learner', 'atomic_save',
+           'BestModelCallback', 'CheckpointCallback', 'HistoryCallback', 'read_checkpoint', 'load_checkpoint',
+           'ModelFileError', 'save_model', 'read_model', 'load_model', 'learner_from_file', 'update_model',
+           'compile_unet', 'fix_gloo_broadcast', 'check_run_folder', 'TrainTimer', 'train_nucleus', 'plot_history']
 
 # %% ../nbs/05_learner.ipynb #d771e6cd
 import os, sys, json, socket, time, warnings, datetime, contextlib
@@ -172,6 +172,20 @@ class host_syncs(TorchFunctionMode):
         return func(*args, **kwargs)
     @property
     def n(self)->int: return sum(self.calls.values())
+
+class HostSyncCounter(Callback):
+    "`host_syncs` of training epochs from each one's first batch to its end (loading the next batches included): `calls`, `batches`"
+    order = -20  # first in, first out: the epoch's bookkeeping after `after_train` is not counted
+    def before_fit(self): self.calls,self.batches,self.hs = Counter(),0,None
+    def before_batch(self):
+        if self.training and self.hs is None: self.hs = host_syncs().__enter__()
+    def after_batch(self):
+        if self.training: self.batches += 1
+    def after_train(self):
+        if self.hs is not None: self.hs.__exit__(None, None, None); self.calls += self.hs.calls; self.hs = None
+    after_fit = after_train  # a fit cancelled in mid-epoch
+    @property
+    def per_batch(self)->dict: return {k: v/self.batches for k,v in self.calls.items()}
 
 # %% ../nbs/05_learner.ipynb #b2116706
 class DeviceSmoothLoss(AvgSmoothLoss):

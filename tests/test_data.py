@@ -335,6 +335,16 @@ def test_random_crops_are_dihedral_windows():
     assert len(seen) == 8
 
 
+def test_crops_never_wait_for_the_device():
+    "Padded or not, random or centred: no call in `crops` would make the host wait for a GPU (see `host_syncs`)."
+    from nucleus_seg.learner import host_syncs
+    data = [_coded(12, 15), _coded(5, 7)]
+    rd, g = ResidentData([i for i, _ in data], [t for _, t in data]), torch.Generator().manual_seed(0)
+    with host_syncs() as hs:
+        for idxs in ([0], [0, 1], torch.arange(2)): rd.crops(idxs, 8, gen=g); rd.crops(idxs, 8, random=False)
+    assert hs.n == 0, hs.calls
+
+
 def test_centre_crop_and_loader():
     data = [_coded(12, 15), _coded(6, 6)]
     rd = ResidentData([i for i, _ in data], [t for _, t in data], split_idx=1)

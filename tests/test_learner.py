@@ -174,15 +174,6 @@ class RawLosses(Callback):
         if self.training: self.raw.append(self.learn.loss.item())
 
 
-class CountSyncs(Callback):
-    "`host_syncs` of the training epochs, from each epoch's first batch to its end."
-    order = -20
-    def before_fit(self): self.counts, self.batches = Counter(), 0
-    def before_batch(self):
-        if self.training and self.iter == 0: self.hs = host_syncs().__enter__()
-    def after_train(self): self.hs.__exit__(None, None, None); self.counts += self.hs.calls; self.batches += self.n_iter
-
-
 def test_sync_free_recorder_records_fastais_smoothed_loss(dls):
     learn, raw = nucleus_learner(dls, metrics=[]), RawLosses()
     with learn.no_bar(), learn.no_logging(): learn.fit(3, 1e-3, cbs=raw)
@@ -195,14 +186,14 @@ def test_sync_free_recorder_records_fastais_smoothed_loss(dls):
 
 def test_progress_bar_reads_the_loss_every_few_batches(fake):
     dls = dsb_dataloaders(fake.path, cache=fake.cache, n_items=8, crop=32, bs=2, n=12, device='cpu')  # 6 batches an epoch
-    learn, cb = nucleus_learner(dls, metrics=[]), CountSyncs()
+    learn, cb = nucleus_learner(dls, metrics=[]), HostSyncCounter()
     learn.sync_free_recorder.every = 2
     with learn.no_logging(): learn.fit(2, 1e-3, cbs=cb)
-    assert cb.batches == 12 and cb.counts == Counter(item=6)  # batches 0, 2 and 4 of each epoch
+    assert cb.batches == 12 and cb.calls == Counter(item=6)  # batches 0, 2 and 4 of each epoch
     assert isinstance(learn.smooth_loss, torch.Tensor)
-    cb = CountSyncs()
+    cb = HostSyncCounter()
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cb)
-    assert cb.batches == 6 and cb.counts == Counter()
+    assert cb.batches == 6 and cb.calls == Counter()
 
 
 class Inputs(Callback):
