@@ -201,16 +201,19 @@ class SyncFreeRecorder(Callback):
     def __init__(self, every:int=25): self.every = every
     def before_fit(self):
         if not isinstance(self.recorder.smooth_loss, DeviceSmoothLoss): self.recorder.smooth_loss = DeviceSmoothLoss()  # later fits reset it
-        self.shown = np.float32('nan')
-    def before_train(self): self.start = len(self.recorder.losses)
+        d = self.learn.__dict__
+        self.bar = 'progress' in d and 'lr_finder' not in d  # fastai's LR finder compares the current loss itself
+        self.shown,self.start = None,len(self.recorder.losses)
     def after_batch(self):
-        if not self.training: return
-        if 'progress' in self.learn.__dict__ and self.iter % self.every == 0: self.shown = np.float32(self.recorder.smooth_loss.value.item())
-        self.learn.smooth_loss = self.shown
+        if not (self.training and self.bar): return
+        if self.shown is None or self.iter % self.every == 0: self.shown = np.float32(self.learn.smooth_loss.item())
+        self.learn.smooth_loss = self.shown  # what the progress bar prints
     def after_train(self):
         losses = self.recorder.losses
         if len(losses) > self.start: losses[self.start:] = torch.stack(losses[self.start:]).cpu().unbind()
-        self.learn.smooth_loss = losses[-1] if losses else self.shown
+        self.start = len(losses)
+        if losses: self.learn.smooth_loss = losses[-1]
+    after_fit = after_train  # a fit cancelled in mid-epoch, as the LR finder's is
 
 class BF16Input(Callback):
     "Hand the network its floating-point inputs in bfloat16 where autocast runs it in bfloat16"

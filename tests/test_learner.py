@@ -196,6 +196,23 @@ def test_progress_bar_reads_the_loss_every_few_batches(fake):
     assert cb.batches == 6 and cb.calls == Counter()
 
 
+class SeenLoss(Callback):
+    "What `learn.smooth_loss` holds after each training batch, beside the `Recorder`'s current value."
+    order = 59  # before the LR finder and the progress bar read it
+    def before_fit(self): self.pairs = []
+    def after_batch(self):
+        if self.training: self.pairs.append((float(self.learn.smooth_loss), float(self.recorder.smooth_loss.value)))
+
+
+def test_lr_finder_sees_the_current_loss(fake):
+    dls = dsb_dataloaders(fake.path, cache=fake.cache, n_items=8, crop=32, bs=2, n=12, device='cpu')  # 6 batches an epoch
+    learn, seen = nucleus_learner(dls, metrics=[]), SeenLoss()
+    learn.add_cb(seen)
+    lrs = learn.lr_find(num_it=12, show_plot=False)   # with its progress bar
+    assert len(seen.pairs) >= 6 and all(a == b for a, b in seen.pairs) and np.isfinite(lrs.valley)
+    assert all(o.device.type == 'cpu' for o in learn.recorder.losses)
+
+
 class Inputs(Callback):
     "dtype of the network's input and of the U-Net's last cross-connection, batch by batch, under CPU bf16 autocast."
     order = MixedPrecision.order
