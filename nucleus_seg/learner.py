@@ -441,6 +441,7 @@ def update_model(fn, # a model file (see `read_model`)
 
 # %% ../nbs/05_learner.ipynb #7a0566c4
 def compile_unet(model:nn.Module, # a fastai `DynamicUnet` (or any model ending in `ToTensorBase`)
+                 train_only:bool=False, # compile the training forward only: in eval mode (validation, inference) it runs eagerly
                  **kwargs, # passed to `torch.compile` (`backend`, `mode`, ...)
                 )->nn.Module:
     "Compile `model`'s forward in place with `torch.compile`, plain tensors inside the graph, `TensorBase` out"
@@ -451,7 +452,8 @@ def compile_unet(model:nn.Module, # a fastai `DynamicUnet` (or any model ending 
             if isinstance(child, ToTensorBase): setattr(mod, name, nn.Identity())
     model.register_forward_pre_hook(lambda m,args: tuple(a.as_subclass(torch.Tensor) if isinstance(a, TensorBase) else a for a in args))
     model.register_forward_hook(lambda m,args,out: out.as_subclass(TensorBase) if type(out) is torch.Tensor else out)
-    model.forward = torch.compile(model.forward, **kwargs)
+    eager,compiled = model.forward,torch.compile(model.forward, **kwargs)
+    model.forward = (lambda *args, **kw: (compiled if model.training else eager)(*args, **kw)) if train_only else compiled
     return model
 
 # %% ../nbs/05_learner.ipynb #40a6a057
@@ -577,7 +579,7 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
                   seed:int=42, # split and initialisation seed
                   cache=None, # cache folder for `dsb_dataloaders`
                   n_workers:int=0, # `dsb_dataloaders` workers
-                  compile=False, # `torch.compile` the network (True, or a backend name such as 'aot_eager'); see `compile_unet`
+                  compile=False, # `torch.compile` the network for training (True, or a backend name such as 'aot_eager'); see `compile_unet`
                   **kwargs # passed to `nucleus_learner`
                  )->Learner: # the learner, best model loaded, configuration in `learn.nucleus`
     "Train a U-Net with one-cycle, keep the best DSB model, checkpoint every epoch, resume, write and tune the model file"
@@ -603,7 +605,7 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
         learn.nucleus.pop('scores', None)  # the starting model's: this one is scored when tuned
     check_run_folder(path, learn.model)
     _save_split(dls, path)
-    if compile: compile_unet(learn.model, **({} if compile is True else dict(backend=compile)))
+    if compile: compile_unet(learn.model, train_only=True, **({} if compile is True else dict(backend=compile)))
     if resume and ckpt.exists():
         state = load_checkpoint(learn, ckpt)
         if state['n_epoch']!=epochs: raise ValueError(f"{ckpt} was written by a run of {state['n_epoch']} epochs, not {epochs}")

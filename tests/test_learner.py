@@ -449,6 +449,16 @@ def test_compile_unet_matches_eager():
     assert ((out-ref).abs().max()/ref.abs().max()).item() < 1e-4
 
 
+def test_compile_unet_train_only_compiles_one_graph():
+    "Training batches share one graph; eval mode, whatever its shapes, runs eagerly (no recompiles for validation)."
+    torch._dynamo.reset(); torch._dynamo.utils.counters.clear()
+    m = compile_unet(unet_model('compact', img_size=(64, 64)), train_only=True, backend='aot_eager')
+    for _ in range(2): m.train()(torch.randn(2, 3, 64, 64)).sum().backward()
+    with torch.no_grad():
+        for x in (torch.randn(1, 3, 64, 64), torch.randn(3, 3, 96, 96)): assert m.eval()(x).shape == (x.shape[0], 3, *x.shape[2:])
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
+
+
 TRAIN = '''
 import json, sys
 from pathlib import Path
