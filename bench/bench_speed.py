@@ -24,7 +24,7 @@ top operators by the device time of the kernels they launch (`device_busy_fracti
 With `--epoch-times`, whole epochs of (b), validation and its DSB score included, with the score computed in the training
 process and in `DSBMetric`'s default worker processes (seconds per epoch, median of the epochs after the first).
 Training images/s are the median of `--repeats` timed runs of `--steps` batches after `--warmup` batches (validation
-skipped: a timed window spans epochs).
+skipped: a timed window spans epochs); `warmup_seconds` is the warm-up's time, a compiled variant's compilations included.
 Inference: the stage-1 test images, from files to instance labels, through the `Segmenter` that `predict` and
 `submit` use (`segment_folder`, the `Segmenter`'s own batch size and extraction processes unless given), with the
 model's TTA; warm-up first, then the median of `--repeats` runs, for each number of extraction processes in
@@ -62,12 +62,12 @@ class TrainingBatches(Callback):
 class Throughput(TrainingBatches):
     "Time `steps` training batches after `warmup` ones, `repeats` times; then stop."
     def __init__(self, warmup, steps, repeats): self.warmup,self.steps,self.repeats = warmup,steps,repeats
-    def before_fit(self): self.i,self.rates,self.t0 = 0,[],None
+    def before_fit(self): self.i,self.rates,self.t0,self.start = 0,[],None,time.perf_counter()
     def after_batch(self):
         if not self.training: return
         self.i += 1
         k = self.i - self.warmup
-        if k == 0: sync(self.dls.device); self.t0,self.n = time.perf_counter(),0
+        if k == 0: sync(self.dls.device); self.t0,self.n = time.perf_counter(),0; self.warmup_s = self.t0-self.start
         elif k > 0:
             self.n += len(self.yb[0])
             if k % self.steps == 0:
@@ -106,7 +106,7 @@ def learner_of(kind, a, dev, df):
     learn = project_learner(a, dev, **(dict(opt_func=Adam) if kind == 'project_adam' else {}))
     if 'pad8' in kind:   # 8 input channels: every convolution's channels a multiple of 8 but the 3-class output
         learn.model = unet_model(a.arch, learn.nucleus['n_out'], (a.crop, a.crop), n_in=8); learn.add_cb(PadChannels(8))
-    if kind.endswith('compiled'): compile_unet(learn.model)
+    if kind.endswith('compiled'): compile_unet(learn.model, train_only=True)   # as train_nucleus(compile=...) does
     return learn
 
 class Waits(TrainingBatches):
@@ -153,7 +153,8 @@ def train_speed(kind, a, dev, df):
     mem = torch.cuda.max_memory_allocated()/2**30 if torch.device(dev).type == 'cuda' else None
     waits = {} if kind.endswith('compiled') else host_waits(learn)  # a function mode around a compiled model could recompile it
     torch.backends.cudnn.benchmark = bench0
-    return dict(train_images_per_s=float(np.median(cb.rates)), runs=[round(r, 2) for r in cb.rates], peak_train_mem_gib=mem, **waits), learn
+    return dict(train_images_per_s=float(np.median(cb.rates)), runs=[round(r, 2) for r in cb.rates], peak_train_mem_gib=mem,
+                warmup_seconds=round(cb.warmup_s, 2), warmup_batches=warmup, **waits), learn
 
 class Profile(TrainingBatches):
     "Run `steps` training batches after `warmup` ones under `torch.profiler`, then stop"
