@@ -33,8 +33,7 @@ already read.
 FLOPs per image (training step and forward) come from `torch.utils.flop_counter`; with `--peak-tflops` the training
 rate is also given as a fraction of the device's dense bf16 peak. Results: `bench/results/speed_<device>.json`.
 """
-import argparse, json, os, platform, time, warnings
-from collections import Counter
+import argparse, json, os, time, warnings
 from pathlib import Path
 import numpy as np, torch
 from fastai.vision.all import (Callback, CancelFitException, CancelValidException, DataBlock, ImageBlock, MaskBlock, RandomCrop, aug_transforms,
@@ -42,7 +41,7 @@ from fastai.vision.all import (Callback, CancelFitException, CancelValidExceptio
 from torch.utils.flop_counter import FlopCounterMode
 from nucleus_seg.io import read_label, read_image
 from nucleus_seg.data import prepare_dsb, dsb_dataloaders, instance_target, modality_subset, TARGET_CODES
-from nucleus_seg.learner import nucleus_learner, NucleusLoss, DSBMetric, encoder_fn, compile_unet, load_model, unet_model, host_syncs
+from nucleus_seg.learner import nucleus_learner, NucleusLoss, DSBMetric, encoder_fn, compile_unet, load_model, unet_model, HostSyncCounter
 from fastai.optimizer import Adam
 from torch.utils._python_dispatch import TorchDispatchMode
 from nucleus_seg.inference import Segmenter, segment_folder, DEFAULT_MODEL
@@ -109,31 +108,30 @@ def learner_of(kind, a, dev, df):
     if kind.endswith('compiled'): compile_unet(learn.model, train_only=True)   # as train_nucleus(compile=...) does
     return learn
 
-class Waits(TrainingBatches):
-    """Host waits per training batch over `steps` batches after `warmup`, the loading of the next batches included and
-    epoch ends left out: `host_syncs` calls, and on CUDA the synchronising calls that its debug mode reports"""
+class Waits(HostSyncCounter, TrainingBatches):
+    """`HostSyncCounter` over `steps` training batches after `warmup`, stopping at the next one; on CUDA also the
+    synchronising calls that its debug mode reports"""
     def __init__(self, warmup=2, steps=8): self.warmup,self.steps = warmup,steps
-    def before_fit(self): self.i,self.calls,self.n_cuda,self.hs = 0,Counter(),0,None
+    def before_fit(self): super().before_fit(); self.i,self.n_cuda = 0,0
     def before_batch(self):
-        if not self.training or self.i < self.warmup or self.hs is not None: return
-        self.hs = host_syncs().__enter__()
+        if self.batches >= self.steps: raise CancelFitException()  # the last counted batch's after_batch and the loading of this one counted
+        if self.i >= self.warmup: super().before_batch()
+    def after_batch(self):
+        if self.training: self.i += 1
+        super().after_batch()
+    def _start(self):
+        super()._start()
         if torch.cuda.is_available():
             self.ws = warnings.catch_warnings(record=True); self.rec = self.ws.__enter__()
             warnings.simplefilter('always'); torch.cuda.set_sync_debug_mode('warn')
-    def _pause(self):
+    def _stop(self):
         if torch.cuda.is_available():
             torch.cuda.set_sync_debug_mode(0); self.ws.__exit__(None, None, None)
             self.n_cuda += sum('synchroniz' in str(w.message) for w in self.rec)
-        self.hs.__exit__(None, None, None); self.calls += self.hs.calls; self.hs = None
-    def after_batch(self):
-        if not self.training: return
-        self.i += 1
-        if self.hs is None: return
-        if self.i == self.warmup+self.steps: self._pause(); raise CancelFitException()
-        if self.iter == self.n_iter-1: self._pause()  # the epoch's end and the next one's start are not counted
+        super()._stop()
     @property
-    def result(self): return dict(cuda_syncs_per_batch=self.n_cuda/self.steps if torch.cuda.is_available() else None,
-                                  host_sync_calls_per_batch={k: v/self.steps for k,v in self.calls.items()})
+    def result(self): return dict(cuda_syncs_per_batch=self.n_cuda/self.batches if torch.cuda.is_available() else None,
+                                  host_sync_calls_per_batch=self.per_batch)
 
 def host_waits(learn):
     "What `Waits` finds in a short fit of `learn`"

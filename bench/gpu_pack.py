@@ -13,12 +13,12 @@ a lower limit (packing takes about 15 minutes on 2 cores, refitting seconds). Ov
 training images is left out until it fits, and it says how many: the speed benchmarks do not mind, but a training step
 then trains on fewer images (and another validation split) than the CPU runs, so make the tree smaller first if you can.
 """
-import argparse, json, shutil, subprocess, sys
+import argparse, shutil, subprocess
 from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image
 from nucleus_seg.data import prepare_dsb, dsb_cache
-from nucleus_seg.io import read_image, read_label
+from nucleus_seg.io import read_label
 
 def pack(dest='.dsb_cache'):
     dest = Path(dest)

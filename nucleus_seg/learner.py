@@ -178,12 +178,14 @@ class HostSyncCounter(Callback):
     order = -20  # first in, first out: the epoch's bookkeeping after `after_train` is not counted
     def before_fit(self): self.calls,self.batches,self.hs = Counter(),0,None
     def before_batch(self):
-        if self.training and self.hs is None: self.hs = host_syncs().__enter__()
+        if self.training and self.hs is None: self._start()
     def after_batch(self):
-        if self.training: self.batches += 1
+        if self.training and self.hs is not None: self.batches += 1
     def after_train(self):
-        if self.hs is not None: self.hs.__exit__(None, None, None); self.calls += self.hs.calls; self.hs = None
+        if self.hs is not None: self._stop()
     after_fit = after_train  # a fit cancelled in mid-epoch
+    def _start(self): self.hs = host_syncs().__enter__()
+    def _stop(self): self.hs.__exit__(None, None, None); self.calls += self.hs.calls; self.hs = None
     @property
     def per_batch(self)->dict: return {k: v/self.batches for k,v in self.calls.items()}
 
