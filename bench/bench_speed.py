@@ -10,10 +10,10 @@
     make the host wait for the device), same encoder, crop and batch size;
 (c) with `--compile`, also (b) with `compile_unet` (`project_compiled`), with `--cudnn-benchmark`, (b) with cuDNN's
     autotuner on (`project_cudnn`: `torch.backends.cudnn.benchmark`, off by default in torch and fastai), and with
-    `--adam`, (b) with fastai's `Adam` in place of `fused_adamw` (`project_adam`), and with `--pad8`, (b) with 8 input
-    channels, 5 of them zero (`project_pad8`: the U-Net's convolutions then have no channel count that cuDNN pads to a
-    multiple of 8, but the 3-class output), and with both `--pad8` and `--compile`, the two together
-    (`project_pad8_compiled`), in the same run.
+    `--adam`, (b) with fastai's `Adam` in place of `fused_adamw` (`project_adam`), and with `--pad8`, (b) with the
+    network padding its input to 8 channels (`project_pad8`: `nucleus_learner(pad_in=8)`; the U-Net's convolutions then
+    have no channel count that cuDNN pads to a multiple of 8, but the 3-class output), and with both `--pad8` and
+    `--compile`, the two together (`project_pad8_compiled`), in the same run.
 Each variant also reports its host waits per training batch (`host_syncs` calls, and on CUDA the synchronising calls
 that `torch.cuda.set_sync_debug_mode` reports), the loading of the next batches included.
 With `--count-ops`, the tensor operations dispatched per training batch of (a), (b) and, with `--adam`, `project_adam`,
@@ -29,7 +29,7 @@ Inference: the stage-1 test images, from files to instance labels, through the `
 `submit` use (`segment_folder`, the `Segmenter`'s own batch size and extraction processes unless given), with the
 model's TTA; warm-up first, then the median of `--repeats` runs, for each number of extraction processes in
 `--infer-workers`, with the bundled model (or `--model`). `probs_seconds`: the network alone on the same images,
-already read.
+already read. With `--pad8`, the same again with the model file opened padded to 8 channels (`test_pad8`).
 FLOPs per image (training step and forward) come from `torch.utils.flop_counter`; with `--peak-tflops` the training
 rate is also given as a fraction of the device's dense bf16 peak. Results: `bench/results/speed_<device>.json`.
 """
@@ -41,7 +41,7 @@ from fastai.vision.all import (Callback, CancelFitException, CancelValidExceptio
 from torch.utils.flop_counter import FlopCounterMode
 from nucleus_seg.io import read_label, read_image
 from nucleus_seg.data import prepare_dsb, dsb_dataloaders, instance_target, modality_subset, TARGET_CODES
-from nucleus_seg.learner import nucleus_learner, NucleusLoss, DSBMetric, encoder_fn, compile_unet, load_model, unet_model, HostSyncCounter
+from nucleus_seg.learner import nucleus_learner, NucleusLoss, DSBMetric, encoder_fn, compile_unet, load_model, HostSyncCounter
 from fastai.optimizer import Adam
 from torch.utils._python_dispatch import TorchDispatchMode
 from nucleus_seg.inference import Segmenter, segment_folder, DEFAULT_MODEL
@@ -92,19 +92,10 @@ def plain_learner(a, dev, df):
     learn = unet_learner(plain_dls(df, a, dev), encoder_fn(a.arch), pretrained=False, n_out=3, loss_func=CrossEntropyLossFlat(axis=1))
     return learn.to_bf16() if torch.device(dev).type == 'cuda' else learn
 
-class PadChannels(Callback):
-    "Zero channels appended to each input batch, `n` channels in all"
-    def __init__(self, n=8): self.n = n
-    def before_batch(self):
-        x = self.xb[0]
-        self.learn.xb = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, self.n-x.shape[1])).contiguous(memory_format=torch.channels_last),)
-
 def learner_of(kind, a, dev, df):
     "The learner of a variant: 'plain', 'project', 'project_adam' (fastai's `Adam`), 'project_compiled', 'project_cudnn', 'project_pad8', 'project_pad8_compiled'"
     if kind == 'plain': return plain_learner(a, dev, df)
-    learn = project_learner(a, dev, **(dict(opt_func=Adam) if kind == 'project_adam' else {}))
-    if 'pad8' in kind:   # 8 input channels: every convolution's channels a multiple of 8 but the 3-class output
-        learn.model = unet_model(a.arch, learn.nucleus['n_out'], (a.crop, a.crop), n_in=8); learn.add_cb(PadChannels(8))
+    learn = project_learner(a, dev, **(dict(opt_func=Adam) if kind == 'project_adam' else {}), **(dict(pad_in=8) if 'pad8' in kind else {}))
     if kind.endswith('compiled'): compile_unet(learn.model, train_only=True)   # as train_nucleus(compile=...) does
     return learn
 
@@ -295,8 +286,8 @@ def main(argv=None):
     ap.add_argument('--compile', action='store_true', help='also time the project path with compile_unet (a variant)')
     ap.add_argument('--cudnn-benchmark', action='store_true', help="also time the project path with cuDNN's autotuner on (a variant)")
     ap.add_argument('--adam', action='store_true', help="also time the project path with fastai's Adam (a variant)")
-    ap.add_argument('--pad8', action='store_true', help="also time the project path with 8 input channels, 5 of them zero (a variant: "
-                                                        "no convolution then has a channel count cuDNN pads)")
+    ap.add_argument('--pad8', action='store_true', help="also time the project path with its input padded to 8 channels inside the network "
+                                                        "(a variant, pad_in=8: no convolution but the output then has a channel count cuDNN pads)")
     ap.add_argument('--count-ops', action='store_true', help='count the tensor operations per training batch, by phase')
     ap.add_argument('--profile', type=int, default=0, help='profile this many training batches of the project path')
     ap.add_argument('--epoch-times', action='store_true', help="time whole epochs with the DSB score in this process and in DSBMetric's workers")
@@ -339,6 +330,9 @@ def main(argv=None):
                 for i, w in enumerate(dict.fromkeys(str(a.infer_workers).split(',')))]
     for v in variants: print('test images', v, flush=True)
     res['project'].update(variants[0]); res['test_variants'] = variants
+    if a.pad8 and a.model != 'trained':   # the same model file opened padded (`load_model(pad_in=8)`): the same outputs
+        res['test_pad8'] = test_speed(*load_model(a.model or DEFAULT_MODEL, pad_in=8), a, dev, None, probs=True)
+        print('test images, the network padded to 8 channels', res['test_pad8'], flush=True)
     for kind in learners:
         achieved = res[kind]['train_images_per_s']*res['train_flops_per_image']
         res[kind]['train_tflops'] = achieved/1e12

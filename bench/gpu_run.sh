@@ -19,7 +19,10 @@
 # 480 s (before --pad8: add about 20 s). The carried files must fit 64 MiB with the tree: bench/gpu_pack.py sees to it.
 # Next call on a GPU (only the ratio target is unmet): GPU_SPEED_ARGS="--peak-tflops 989 --pad8 --compile --profile 20
 # --infer-workers default" with the default steps, timeout_s about 400: plain, the project (host waits gone, bf16 input),
-# pad8, compiled, pad8 compiled, each with its synchronising calls per batch. Then "train notebooks" if time is left.
+# pad8, compiled, pad8 compiled, each with its synchronising calls per batch. Then "train notebooks" if time is left,
+# with GPU_TRAIN_ARGS="--pad-in 8" if project_pad8 trained clearly faster (the network pads its input to 8 channels:
+# `nucleus-seg train --pad-in 8`), and "--compile inductor" too if a compiled variant's warm-up_seconds pay for
+# themselves within the recipe's 4 minutes. GPU_TRAIN_ARGS adds options to the "train" step's bench_train.py.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -35,8 +38,8 @@ mkdir -p /tmp/site/bin && printf '#!/usr/bin/env python3\nimport sys\nfrom nucle
 chmod +x /tmp/site/bin/nucleus-seg && nucleus-seg --help > /dev/null || { echo "nucleus-seg launcher failed"; exit 1; }
 if [ -d .dsb_cache ]; then export NUCLEUS_SEG_CACHE="$PWD/.dsb_cache"; unset NUCLEUS_SEG_DATA; export HOME=/tmp/gpuhome; fi
 python3 -c "import torch, fastai, nucleus_seg; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', '| torch', torch.__version__, '| fastai', fastai.__version__)"
-if [ -n "${GPU_RUN_QUICK:-}" ]; then TRAIN="--quick"; SPEED="--quick --profile 3 --epoch-times --adam --pad8 --count-ops"; SPEED_COMPACT="--quick --adam --pad8 --count-ops --profile 3"; CUDA=""
-else TRAIN="--gpu-recipe"; SPEED=${GPU_SPEED_ARGS:-"--peak-tflops 989 --adam --cudnn-benchmark --pad8 --compile --count-ops --profile 20 --epoch-times"}
+if [ -n "${GPU_RUN_QUICK:-}" ]; then TRAIN="--quick ${GPU_TRAIN_ARGS:-}"; SPEED="--quick --profile 3 --epoch-times --adam --pad8 --count-ops"; SPEED_COMPACT="--quick --adam --pad8 --count-ops --profile 3"; CUDA=""
+else TRAIN="--gpu-recipe ${GPU_TRAIN_ARGS:-}"; SPEED=${GPU_SPEED_ARGS:-"--peak-tflops 989 --adam --cudnn-benchmark --pad8 --compile --count-ops --profile 20 --epoch-times"}
   SPEED_COMPACT="--peak-tflops 989 --adam --pad8 --count-ops --profile 20"; CUDA="--flags cuda"; fi
 STEPS=" ${GPU_STEPS:-speed} "; MODEL=""
 if [[ $STEPS == *" train "* ]]; then

@@ -98,10 +98,12 @@ def train(out:str='nucleus_run', # run folder: model.safetensors, checkpoints in
           tune:bool_arg=True, # choose the post-processing thresholds on the validation images afterwards (false with --init: keep its thresholds)
           tensorboard:store_true=False, # log to out/tb (needs the tensorboard package)
           compile:str=None, # torch.compile the network: a backend name (inductor, aot_eager), or none
+          pad_in:int=None, # pad the input to this many channels inside the network; 8 spares GPUs cuDNN's channel padding (default: 3, or --init's)
           seed:int=42, # split and initialisation seed
          ):
     "Train the U-Net, keep the best validation DSB model, tune it, and write out/model.safetensors"
     _positive(epochs=epochs, lr=lr, bs=bs, crop=crop, valid_crop=valid_crop, n_items=n_items)
+    if pad_in is not None and pad_in<=3: raise CliError(f"--pad-in is the channels to pad the input's 3 to, more than 3 (such as 8), not {pad_in}")
     if not 0<=mix<1: raise CliError(f"--mix is the share of mixed-in training images, from 0 up to (not including) 1, not {mix}")
     if mix_with and not mix: raise CliError("--mix-with needs --mix, the share of training images to draw from it (such as 0.5)")
     from nucleus_seg.learner import train_nucleus, ARCHS
@@ -112,7 +114,7 @@ def train(out:str='nucleus_run', # run folder: model.safetensors, checkpoints in
     learn = train_nucleus(out, data=data, init=init, mix=mix, mix_with=mix_with, cache=cache, arch=arch or 'compact', epochs=epochs, lr=lr, bs=bs, crop=crop, valid_crop=valid_crop, n_items=n_items,
                           input_mode=input_mode or 'grey', zoom=_zoom(zoom), pretrained=False if scratch else None,
                           weights_url=weights_url, resume=resume, tune=tune, tensorboard=tensorboard, seed=seed,
-                          compile=compile or False)
+                          compile=compile or False, pad_in=pad_in)
     s = learn.nucleus.get('scores', {})
     if s: print(f"validation DSB {s['valid_dsb']:.4f} (default thresholds {s['default_thresholds_dsb']:.4f}); re-weighted to the test mix {s['test_mix_dsb']}")
     print(f"model: {Path(out)/'model.safetensors'}")

@@ -6,11 +6,12 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/learner.html.md"""
 
 # %% auto #0
 __all__ = ['ARCHS', 'WEIGHTS_URL_ENV', 'MODEL_FORMAT', 'MODEL_FORMAT_VERSION', 'NucleusLoss', 'cpu_workers', 'DSBMetric',
-           'encoder_fn', 'unet_model', 'imagenet_weights_url', 'load_imagenet_weights', 'fused_adamw', 'host_syncs',
-           'HostSyncCounter', 'DeviceSmoothLoss', 'SyncFreeRecorder', 'BF16Input', 'nucleus_learner', 'atomic_save',
-           'BestModelCallback', 'CheckpointCallback', 'HistoryCallback', 'read_checkpoint', 'load_checkpoint',
-           'ModelFileError', 'save_model', 'read_model', 'load_model', 'learner_from_file', 'update_model',
-           'compile_unet', 'fix_gloo_broadcast', 'check_run_folder', 'TrainTimer', 'train_nucleus', 'plot_history']
+           'encoder_fn', 'PadChannels', 'unet_model', 'widen_state', 'imagenet_weights_url', 'load_imagenet_weights',
+           'fused_adamw', 'host_syncs', 'HostSyncCounter', 'DeviceSmoothLoss', 'SyncFreeRecorder', 'BF16Input',
+           'nucleus_learner', 'atomic_save', 'BestModelCallback', 'CheckpointCallback', 'HistoryCallback',
+           'read_checkpoint', 'load_checkpoint', 'ModelFileError', 'save_model', 'read_model', 'load_model',
+           'learner_from_file', 'update_model', 'compile_unet', 'fix_gloo_broadcast', 'check_run_folder', 'TrainTimer',
+           'train_nucleus', 'plot_history']
 
 # %% ../nbs/05_learner.ipynb #d771e6cd
 import os, sys, json, socket, time, warnings, datetime, contextlib
@@ -106,14 +107,38 @@ def encoder_fn(arch:str, # a name in `ARCHS`
     if base.startswith('xresnet'): return partial(getattr(xresnet, base), **{**defaults, **params})
     return getattr(torchvision.models, base)
 
+class PadChannels:
+    "A forward pre-hook appending zero channels to a network's input, up to `n` channels"
+    def __init__(self, n:int): self.n = n
+    def __call__(self, m, args): return (F.pad(args[0], (0,0,0,0,0,self.n-args[0].shape[1])), *args[1:])
+
 def unet_model(arch:str='compact', # a name in `ARCHS`
                n_out:int=3, # classes predicted per pixel
                img_size=(256,256), # the size fastai builds the decoder for (any multiple of 32 gives the same layers)
                arch_params:dict=None, # `encoder_fn` parameters
+               pad_in:int=None, # zero-pad the 3 input channels to this many inside the network (8: see "Channels in multiples of 8")
                **kwargs # passed to fastai's `DynamicUnet` (`self_attention`, `blur`...)
               )->nn.Module:
     "A fastai `DynamicUnet` on encoder `arch`, randomly initialised"
-    return create_unet_model(encoder_fn(arch, **ifnone(arch_params, {})), n_out, tuple(img_size), pretrained=False, **kwargs)
+    if pad_in is not None and pad_in<=3: raise ValueError(f"pad_in={pad_in}: the channels to pad the input's 3 to, more than 3 (such as 8)")
+    m = create_unet_model(encoder_fn(arch, **ifnone(arch_params, {})), n_out, tuple(img_size), pretrained=False, n_in=ifnone(pad_in, 3), **kwargs)
+    if pad_in: m.register_forward_pre_hook(PadChannels(pad_in))
+    return m
+
+# %% ../nbs/05_learner.ipynb #14d6925f
+def widen_state(sd:dict, # a state dict
+                model:nn.Module, # a network whose tensors are as large as `sd`'s or larger (such as its `pad_in` twin)
+               )->dict:
+    "`sd` with every tensor zero-extended to `model`'s shape (running variances with ones): the same outputs"
+    new,out = model.state_dict(),{}
+    for k,v in sd.items():
+        t = new.get(k)
+        if t is None or v.shape==t.shape: out[k] = v; continue  # `load_state_dict` tells of keys that do not belong
+        if v.ndim!=t.ndim or any(a>b for a,b in zip(v.shape, t.shape)):
+            raise ValueError(f"{k}: {tuple(v.shape)} does not fit in {tuple(t.shape)} (a network padded to fewer channels than the weights?)")
+        out[k] = (torch.ones if k.endswith('running_var') else torch.zeros)(t.shape, dtype=v.dtype)
+        out[k][tuple(slice(0,n) for n in v.shape)] = v
+    return out
 
 # %% ../nbs/05_learner.ipynb #437ad16c
 WEIGHTS_URL_ENV = 'NUCLEUS_SEG_WEIGHTS_URL'
@@ -226,11 +251,11 @@ class BF16Input(Callback):
         self.learn.xb = tuple(x.to(torch.bfloat16) if x.is_floating_point() else x for x in self.xb)
 
 # %% ../nbs/05_learner.ipynb #94df63ba
-def _load_body(learn, arch, sd):
-    "Copy the encoder part of the torchvision state dict `sd` into `learn.model`'s body"
+def _load_body(learn, arch, sd, n_in=3):
+    "Copy the encoder part of the torchvision state dict `sd` into `learn.model`'s body (`n_in` channels: the stem's extra ones zero)"
     m = encoder_fn(arch)(weights=None)
     m.load_state_dict(sd)
-    learn.model[0].load_state_dict(create_body(m, 3, True, model_meta.get(encoder_fn(arch), _default_meta)['cut']).state_dict())
+    learn.model[0].load_state_dict(create_body(m, n_in, True, model_meta.get(encoder_fn(arch), _default_meta)['cut']).state_dict())
 
 def _target_of(codes)->str:
     "The `TARGET_CODES` name of a list of class names"
@@ -253,6 +278,7 @@ def nucleus_learner(dls, # `DataLoaders` from `dsb_dataloaders` (images and clas
                     mixed_precision:bool=None, # bf16 + channels-last (and `BF16Input`); defaults to True on CUDA, False on the CPU
                     channels_last:bool=True, # without `mixed_precision`, still train in the channels-last layout (faster on CPUs)
                     opt_func=fused_adamw, # the optimiser (fastai's `Adam` is the same arithmetic, one tensor at a time)
+                    pad_in:int=None, # pad the input to this many channels inside the network (see `unet_model`; 8 spares GPUs cuDNN's channel padding)
                     **kwargs # passed to fastai's `Learner` (`path`, `cbs`, `wd`...)
                    )->Learner:
     "A dynamic U-Net `Learner` for nucleus masks, its configuration in `learn.nucleus`"
@@ -263,14 +289,14 @@ def nucleus_learner(dls, # `DataLoaders` from `dsb_dataloaders` (images and clas
     norm = first(dls.after_batch.fs.filter(risinstance(Normalize)))
     codes = _mask_codes(dls)
     img_size = dls.one_batch()[0].shape[-2:]
-    model = unet_model(arch, len(codes), img_size, arch_params)
+    model = unet_model(arch, len(codes), img_size, arch_params, pad_in=pad_in)
     learn = Learner(dls, model, loss_func=ifnone(loss_func, NucleusLoss()), metrics=ifnone(metrics, DSBMetric()), opt_func=opt_func,
                     splitter=model_meta.get(encoder_fn(arch, **ifnone(arch_params, {})), _default_meta)['split'], **kwargs)
-    if sd is not None: _load_body(learn, arch, sd)
+    if sd is not None: _load_body(learn, arch, sd, ifnone(pad_in, 3))
     learn.nucleus = dict(arch=arch, encoder=ARCHS[arch][0], arch_params={**ARCHS[arch][1], **ifnone(arch_params, {})}, n_out=len(codes), img_size=list(img_size),
                          target=_target_of(codes), classes=codes, pretrained=sd is not None,
                          input=dict(mode=getattr(dls, 'input_mode', 'grey'), mean=norm.mean.flatten().tolist(),
-                                    std=norm.std.flatten().tolist()))
+                                    std=norm.std.flatten().tolist()), **({'pad_in': pad_in} if pad_in else {}))
     if ifnone(mixed_precision, torch.device(ifnone(dls.device, 'cpu')).type=='cuda'):
         learn.to_channelslast(amp_mode=AMPMode.BF16).add_cb(BF16Input())
     elif channels_last: learn.to_channelslast(use_amp=False)
@@ -410,23 +436,26 @@ def read_model(fn, # a `.safetensors` model file written by `save_model`
 def _float(sd:dict)->dict: return {k: v.float() if v.is_floating_point() else v for k,v in sd.items()}
 
 def load_model(fn, # a model file (see `read_model`)
+               pad_in:int=None, # build the network padded to this many input channels (see `widen_state`); default: the file's
               )->tuple: # (network in eval mode on the CPU, configuration)
     "The network of a model file, built from code, and its configuration"
     sd,cfg = read_model(fn)
-    model = unet_model(cfg['arch'], cfg['n_out'], cfg.get('img_size', (256,256)), cfg.get('arch_params'))
-    model.load_state_dict(_float(sd))
+    if pad_in: cfg = {**cfg, 'pad_in': pad_in}
+    model = unet_model(cfg['arch'], cfg['n_out'], cfg.get('img_size', (256,256)), cfg.get('arch_params'), pad_in=cfg.get('pad_in'))
+    model.load_state_dict(widen_state(_float(sd), model))
     return model.eval(),cfg
 
 def learner_from_file(fn, # a model file (see `read_model`)
                       dls, # `DataLoaders` to train on, with the model's input mode (see `dsb_dataloaders`)
+                      pad_in:int=None, # train the network padded to this many input channels (see `widen_state`); default: the file's
                       **kwargs # passed to `nucleus_learner`
                      )->Learner:
     "A `Learner` with the weights of model file `fn`, for fine-tuning"
     sd,cfg = read_model(fn)
     mode = getattr(dls, 'input_mode', 'grey')
     if mode!=cfg['input']['mode']: raise ValueError(f"{fn} was trained on '{cfg['input']['mode']}' inputs, the dataloaders give '{mode}'")
-    learn = nucleus_learner(dls, cfg['arch'], cfg.get('arch_params'), pretrained=False, **kwargs)
-    learn.model.load_state_dict(_float(sd))
+    learn = nucleus_learner(dls, cfg['arch'], cfg.get('arch_params'), pretrained=False, pad_in=ifnone(pad_in, cfg.get('pad_in')), **kwargs)
+    learn.model.load_state_dict(widen_state(_float(sd), learn.model))
     learn.nucleus = {**cfg, **learn.nucleus}
     return learn
 

@@ -100,6 +100,7 @@ def test_app_is_registered():
     (['train', '--arch', 'vgg_nonsense'], 1, "unknown --arch 'vgg_nonsense'"),
     (['train', '--input-mode', 'cmyk'], 1, "unknown --input-mode 'cmyk'"),
     (['train', '--zoom', '2'], 1, '--zoom takes two numbers'),
+    (['train', '--pad-in', '2'], 1, "--pad-in is the channels to pad the input's 3 to, more than 3"),
     (['train', '--zoom', '1.5,0.5'], 1, '--zoom needs 0 < smallest <= largest'),
     (['train', '--init', 'default', '--arch', 'resnet34'], 1, "--arch resnet34 differs from default.safetensors's compact: fine-tuning keeps the model's own"),
     (['train', '--init', 'default', '--input-mode', 'rgb'], 1, "--input-mode rgb differs from default.safetensors's grey"),

@@ -127,6 +127,11 @@ def test_weights_downloaded_and_loaded(dls, weights_server, tmp_path):
     assert torch.equal(body[0].weight, sd['conv1.weight'])                    # stem conv
     assert torch.equal(body[7][1].conv2.weight, sd['layer4.1.conv2.weight'])  # last block
     assert torch.equal(body[1].running_mean, sd['bn1.running_mean'])
+    padded = nucleus_learner(dls, 'resnet18', weights_url=url, model_dir=tmp_path, pad_in=8)
+    stem = padded.model[0][0].weight
+    assert padded.nucleus['pad_in'] == 8 and stem.shape[1] == 8
+    assert torch.equal(stem[:, :3], sd['conv1.weight']) and not stem[:, 3:].any()   # the ImageNet stem, zero for the padding
+    assert torch.equal(padded.model[0][7][1].conv2.weight, sd['layer4.1.conv2.weight'])
 
 
 def test_weights_url_from_env(monkeypatch):
@@ -272,6 +277,34 @@ def test_model_file_round_trip_half_update_and_newer_format(tmp_path):
     future = save(m.state_dict(), metadata=dict(format=MODEL_FORMAT, format_version=str(MODEL_FORMAT_VERSION+1), nucleus_seg=json.dumps(cfg)))
     (tmp_path/'future.safetensors').write_bytes(future)
     with pytest.raises(ModelFileError, match='newer'): read_model(tmp_path/'future.safetensors')
+
+
+def _odd_convs(m): return [(c.in_channels, c.out_channels) for c in m.modules() if isinstance(c, torch.nn.Conv2d) and (c.in_channels % 8 or c.out_channels % 8)]
+
+
+def test_pad_in_leaves_only_the_output_unaligned_and_keeps_a_model_files_outputs(dls, tmp_path):
+    """`pad_in=8`: every convolution but the 3-class output has channels in multiples of 8; a 3-channel model file
+    opened padded (`load_model`, `learner_from_file`) predicts what it predicted, and a padded file reopens padded."""
+    assert _odd_convs(unet_model('resnet18')) == [(3, 64), (99, 99), (99, 99), (99, 3)]
+    assert _odd_convs(unet_model('resnet18', pad_in=8)) == [(104, 3)] and _odd_convs(unet_model('compact', pad_in=8)) == [(56, 3)]
+    with pytest.raises(ValueError, match='more than 3'): unet_model('compact', pad_in=3)
+    torch.manual_seed(0)
+    m = unet_model('compact', img_size=(64, 64))
+    for bn in m.modules():   # trained-looking statistics: a wrong copy of them would show in the outputs
+        if isinstance(bn, torch.nn.BatchNorm2d): bn.running_mean.uniform_(-1, 1); bn.running_var.uniform_(0.5, 2); torch.nn.init.uniform_(bn.weight, 0.5, 1.5)
+    cfg = dict(arch='compact', arch_params={'widen': 0.25}, n_out=3, img_size=[64, 64], input=dict(mode='grey', mean=[0.5]*3, std=[0.25]*3))
+    fn = save_model(m.eval(), tmp_path/'m.safetensors', cfg)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = m(x)
+        padded, pcfg = load_model(fn, pad_in=8)
+        assert pcfg == {**cfg, 'pad_in': 8} and _odd_convs(padded) == [(56, 3)]
+        assert torch.equal(padded(x), ref)
+        again, acfg = load_model(save_model(padded, tmp_path/'p.safetensors', pcfg))   # the file says pad_in: built padded
+        assert acfg['pad_in'] == 8 and _odd_convs(again) == [(56, 3)] and torch.equal(again(x), ref)
+        ft = learner_from_file(fn, dls, pad_in=8)
+        assert ft.nucleus['pad_in'] == 8 and torch.allclose(ft.model.eval()(x), ref, atol=1e-6)
+    with pytest.raises(ValueError, match='does not fit'): widen_state(padded.state_dict(), unet_model('compact', img_size=(64, 64)))
 
 
 def test_atomic_save_keeps_old_file_on_failure(tmp_path):
