@@ -174,8 +174,20 @@ def _predict_dask(src, out, scheduler, model=None, cpu=False, **kwargs):
         return segment_collection(src, out, client, model, **kwargs)
     finally: client.close()
 
+def _sources(src):
+    "`predict`'s SRC: one path as it is (an image, a folder or an index), several as one table of their images"
+    srcs = [src] if isinstance(src, (str, Path)) else list(dict.fromkeys(src))
+    if (gone := [s for s in srcs if not Path(s).exists()]): raise CliError(f"no such file or folder: {gone[0]}")
+    if len(srcs)==1: return srcs[0]
+    import pandas as pd
+    from nucleus_seg.inference import image_items
+    items = pd.concat([image_items(s) for s in srcs], ignore_index=True).drop_duplicates('image', ignore_index=True)
+    if (dup := items.image_id[items.image_id.duplicated()]).any():
+        raise CliError(f"two images are named {dup.iloc[0]!r} and would write the same outputs: segment them into separate --out folders")
+    return items
+
 @call_parse
-def predict(src:str, # an image file or a folder of images (searched recursively)
+def predict(src:Annotated[str, dict(nargs='+')], # image files or folders of images (searched recursively), such as *.png
             model:str=None, # model file (model.safetensors from nucleus-seg train; default: the bundled model)
             out:str='predictions', # output folder: labels/ (16-bit PNG), overlays/, nuclei/, submission.csv
             tta:bool_arg=None, # average the four flips (default: the model's setting)
@@ -191,6 +203,7 @@ def predict(src:str, # an image file or a folder of images (searched recursively
     _positive(tile=tile)
     from nucleus_seg.io import PLANE_MODES
     if planes not in PLANE_MODES: raise CliError(f"unknown --planes {planes!r} (choose from {', '.join(PLANE_MODES)})")
+    src = _sources(src)
     kw = dict(overlays=overlays, planes=planes, submission=Path(out)/'submission.csv', report=_report)
     from nucleus_seg.inference import segment_folder, image_items
     seg = None if scheduler and scale != 'folder' else _segmenter(model, cpu, tta=tta, tile=tile, bf16=bf16, scale=scale)

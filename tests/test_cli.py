@@ -290,6 +290,23 @@ def test_predict_with_tta_and_tiles(cli_model, sample_images, tmp_path, capsys):
     assert err.count("scale 'auto' resized") == 1 and f"resized {sum(f != 1 for f in auto_factors)} of {len(imgs)} image(s)" in err
 
 
+def test_predict_several_files_and_folders(sample_images, tmp_path, capsys):
+    """`predict a.png b.png folder` (what a shell makes of `*.png`) segments them all into one OUT; a path that does not
+    exist or two images of the same name are refused before the model is loaded."""
+    imgs = sorted(sample_images.iterdir())
+    other = tmp_path/'other'; other.mkdir(); shutil.copy(imgs[0], other/'copy.png')
+    args = [str(imgs[0]), str(imgs[1]), str(imgs[0]), str(other)]   # the same file twice is segmented once
+    assert main(['predict', *args, '--out', str(tmp_path/'out'), '--cpu', '--overlays', 'False']) == 0
+    assert sorted(p.name for p in (tmp_path/'out'/'labels').iterdir()) == sorted([imgs[0].name, imgs[1].name, 'copy.png'])
+    assert '3 images' in capsys.readouterr().out
+    np.testing.assert_array_equal(read_label(tmp_path/'out'/'labels'/'copy.png'), read_label(tmp_path/'out'/'labels'/imgs[0].name))
+    shutil.copy(imgs[0], other/imgs[0].name)
+    for bad, msg in [([str(imgs[0]), str(tmp_path/'gone.png')], 'no such file or folder'), ([str(sample_images), str(other)], f"two images are named '{imgs[0].stem}'")]:
+        assert main(['predict', *bad, '--out', str(tmp_path/'bad'), '--cpu']) == 1
+        err = capsys.readouterr().err
+        assert msg in err and 'using the bundled model' not in err and not (tmp_path/'bad').exists()
+
+
 def test_predict_bundled_model_and_skipped_files(sample_images, tmp_path, capsys):
     src = tmp_path/'src'; shutil.copytree(sample_images, src)
     (src/'broken.png').write_bytes(b'not a png')
