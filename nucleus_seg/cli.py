@@ -289,7 +289,8 @@ def model_summary(fn, # model file (see `read_model`)
     n = sum(v.numel() for k,v in sd.items() if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked')))
     params = ', '.join(f'{k} {v}' for k,v in (cfg.get('arch_params') or {}).items())
     net = (f"{cfg.get('arch', '?')} U-Net ({cfg.get('encoder', '?')}{', '+params if params else ''}), {n/1e6:.2f} M parameters, "
-           f"classes {', '.join(cfg.get('classes', [])) or '?'}, {inp.get('mode', '?')} input")
+           f"classes {', '.join(cfg.get('classes', [])) or '?'}, {inp.get('mode', '?')} input"
+           + (f" padded to {cfg['pad_in']} channels in the network" if cfg.get('pad_in') else ''))
     train = (f"{r.get('epochs', '?')} epochs at lr {r.get('lr', '?')}, batch {r.get('bs', '?')}, {r.get('crop', '?')}-pixel crops, "
              f"{r.get('n_train', '?')} training / {r.get('n_valid', '?')} validation images"
              + (f" in {r['data']}" if r.get('data') not in (None, 'DSB2018') else '')

@@ -391,6 +391,10 @@ def test_info_describes_a_model_file(cli_model, tmp_path, capsys):
     assert f"DSB {cfg['scores']['valid_dsb']:.3f} on {cfg['scores']['n_valid']} images" in out
     assert main(['info', model, '--json']) == 0 and json.loads(capsys.readouterr().out) == cfg
     assert main(['info']) == 0 and "the file records none" in capsys.readouterr().out   # the bundled model
+    from nucleus_seg.learner import load_model, save_model
+    net, pcfg = load_model(model, pad_in=8)
+    padded = save_model(net, tmp_path/'padded.safetensors', pcfg)
+    assert main(['info', str(padded)]) == 0 and f"{cfg['input']['mode']} input padded to 8 channels in the network" in capsys.readouterr().out
     (tmp_path/'x.pkl').write_bytes(b'\x80\x04junk')
     assert main(['info', str(tmp_path/'x.pkl')]) == 1 and 'a Python pickle' in capsys.readouterr().err
 
