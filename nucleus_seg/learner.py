@@ -338,7 +338,8 @@ class CheckpointCallback(_TrainedEpochs, Callback):
         best = getattr(getattr(self.learn, 'best_model', None), 'best', None)
         if best is not None: best = float(best)  # a NumPy scalar from the metric would not load with weights_only
         state = dict(model=get_model(self.model).state_dict(), opt=self.opt.state_dict(), epoch=self.epoch,
-                     n_epoch=self.n_epoch, best=best, pretrained=getattr(self.learn, 'nucleus', {}).get('pretrained'))
+                     n_epoch=self.n_epoch, best=best, pretrained=getattr(self.learn, 'nucleus', {}).get('pretrained'),
+                     pad_in=getattr(self.learn, 'nucleus', {}).get('pad_in'))
         atomic_save(state, self.path/self.model_dir/f'{self.fname}.pth')
 
 class HistoryCallback(_TrainedEpochs, Callback):
@@ -602,7 +603,7 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
                   input_mode:str='grey', # one of `INPUT_MODES` (see `normalise_image`)
                   zoom:tuple=None, # random rescaling range such as (0.5, 1.5) (None: none; see `dsb_batch_tfms`)
                   pretrained:bool=None, # ImageNet weights for torchvision encoders (see `nucleus_learner`)
-                  resume:bool=False, # continue from `models/last.pth` when it exists
+                  resume:bool=False, # continue from `models/last.pth` when it exists (its network's `pad_in` included)
                   tensorboard:bool=False, # log to `path/tb` (needs the `tensorboard` package)
                   model_file:str='model.safetensors', # the model file's name in `path` (None: don't write one)
                   tune:bool=True, # choose the post-processing thresholds on the validation images (`tune_model`); False keeps `init`'s
@@ -630,6 +631,10 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
     ckpt,start,best = path/'models'/'last.pth',0,None
     _peak_gpu_gib(dls.device, reset=True)
     if resume and ckpt.exists(): pretrained = False  # the checkpoint's weights replace ImageNet's: no download
+    if resume and ckpt.exists():  # a resumed run keeps its network's input padding
+        pad_in = read_checkpoint(ckpt).get('pad_in')
+        if kwargs.get('pad_in') not in (None, pad_in): raise ValueError(f"{ckpt} was written by a run with pad_in={pad_in}, not {kwargs['pad_in']}")
+        kwargs['pad_in'] = pad_in
     if init is None: learn = nucleus_learner(dls, arch=arch, pretrained=pretrained, path=path, **kwargs)
     else:
         learn = learner_from_file(init, dls, path=path, **kwargs)

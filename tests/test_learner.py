@@ -401,6 +401,20 @@ def test_killed_run_resumes_and_rewrites_model_file(fake, tmp_path):
     assert not [p for p in run.rglob('*') if p.name.startswith('.')]   # no temporary files
 
 
+def test_a_resumed_run_keeps_its_input_padding(fake, tmp_path):
+    """`resume=True` rebuilds the network that wrote the checkpoint, padded or not, whether the run was killed or
+    finished; asked for another padding, it refuses."""
+    run = tmp_path/'run'
+    with pytest.raises(KeyboardInterrupt): train_nucleus(run, **_tiny(fake, epochs=2), pad_in=8, cbs=KillAfter(0))
+    assert read_checkpoint(run/'models'/'last.pth')['pad_in'] == 8
+    learn = train_nucleus(run, **_tiny(fake, epochs=2), resume=True)   # pad_in not given
+    assert learn.nucleus['pad_in'] == 8 and read_model(run/'model.safetensors')[1]['pad_in'] == 8
+    assert train_nucleus(run, **_tiny(fake, epochs=2), resume=True).nucleus['pad_in'] == 8   # finished: nothing trained
+    plain = tmp_path/'plain'
+    with pytest.raises(KeyboardInterrupt): train_nucleus(plain, **_tiny(fake, epochs=2), cbs=KillAfter(0))
+    with pytest.raises(ValueError, match='written by a run with pad_in=None, not 8'): train_nucleus(plain, **_tiny(fake, epochs=2), pad_in=8, resume=True)
+
+
 def test_resuming_a_finished_run_rewrites_model_file(fake, tmp_path):
     "Resuming a finished run trains nothing and writes the model file again, from the best weights."
     run = tmp_path/'run'
