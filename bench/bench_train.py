@@ -47,7 +47,7 @@ def parse(argv=None):
     p.add_argument('--bs', type=int, default=16); p.add_argument('--crop', type=int, default=128)
     p.add_argument('--input-mode', default='grey'); p.add_argument('--zoom', default='none', help="random rescaling such as 0.5,1.5; 'none' for none")
     p.add_argument('--n-items', type=int, default=None, help='train on this many images (default: all 664)')
-    p.add_argument('--pad-in', type=int, default=None, help="pad the input to this many channels inside the network (train_nucleus's pad_in; 8 on GPUs)")
+    p.add_argument('--pad-in', type=int, default=None, help="pad the input to this many channels inside the network (train_nucleus's pad_in, such as 8)")
     p.add_argument('--compile', default=None, help="torch.compile the network for training: a backend name such as inductor (default: eager)")
     p.add_argument('--no-tune', action='store_true'); p.add_argument('--resume', action='store_true', help='reuse/continue the run in --out')
     p.add_argument('--valid-items', type=int, default=None); p.add_argument('--test-items', type=int, default=None)
