@@ -337,9 +337,9 @@ class CheckpointCallback(_TrainedEpochs, Callback):
         if self.skipped: return
         best = getattr(getattr(self.learn, 'best_model', None), 'best', None)
         if best is not None: best = float(best)  # a NumPy scalar from the metric would not load with weights_only
+        cfg = getattr(self.learn, 'nucleus', {})
         state = dict(model=get_model(self.model).state_dict(), opt=self.opt.state_dict(), epoch=self.epoch,
-                     n_epoch=self.n_epoch, best=best, pretrained=getattr(self.learn, 'nucleus', {}).get('pretrained'),
-                     pad_in=getattr(self.learn, 'nucleus', {}).get('pad_in'))
+                     n_epoch=self.n_epoch, best=best, pretrained=cfg.get('pretrained'), pad_in=cfg.get('pad_in'))
         atomic_save(state, self.path/self.model_dir/f'{self.fname}.pth')
 
 class HistoryCallback(_TrainedEpochs, Callback):
@@ -369,10 +369,11 @@ def _opt_name(learn)->str: return getattr(learn.opt_func, '__name__', str(learn.
 
 def load_checkpoint(learn:Learner, # learner built like the one that wrote the checkpoint
                     fn, # checkpoint written by `CheckpointCallback`
+                    state:dict=None, # its contents when already read with `read_checkpoint` on the learner's device
                    )->dict: # the checkpoint (`epoch`, `n_epoch`, `best`...)
     "Restore model and optimiser state from a `CheckpointCallback` file (another optimiser's state: a warning, and it starts afresh)"
     # fastai's optimiser keeps the loaded state tensors as they are: put them where training will run
-    state = read_checkpoint(fn, map_location=ifnone(learn.dls.device, 'cpu'))
+    if state is None: state = read_checkpoint(fn, map_location=ifnone(learn.dls.device, 'cpu'))
     get_model(learn.model).load_state_dict(state['model'])
     if learn.opt is None: learn.create_opt()
     try: learn.opt.load_state_dict(state['opt'])
@@ -630,9 +631,9 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
                dsb_dataloaders(data, n_items=n_items, cache=cache, **kw))
     ckpt,start,best = path/'models'/'last.pth',0,None
     _peak_gpu_gib(dls.device, reset=True)
-    if resume and ckpt.exists(): pretrained = False  # the checkpoint's weights replace ImageNet's: no download
-    if resume and ckpt.exists():  # a resumed run keeps its network's input padding
-        pad_in = read_checkpoint(ckpt).get('pad_in')
+    saved = read_checkpoint(ckpt, map_location=ifnone(dls.device, 'cpu')) if resume and ckpt.exists() else None
+    if saved is not None:  # the checkpoint's weights replace ImageNet's (no download), in the network that wrote them
+        pretrained,pad_in = False,saved.get('pad_in')
         if kwargs.get('pad_in') not in (None, pad_in): raise ValueError(f"{ckpt} was written by a run with pad_in={pad_in}, not {kwargs['pad_in']}")
         kwargs['pad_in'] = pad_in
     if init is None: learn = nucleus_learner(dls, arch=arch, pretrained=pretrained, path=path, **kwargs)
@@ -642,8 +643,8 @@ def train_nucleus(path='nucleus_run', # run folder: checkpoints in `models/`, `m
     check_run_folder(path, learn.model)
     _save_split(dls, path)
     if compile: compile_unet(learn.model, train_only=True, **({} if compile is True else dict(backend=compile)))
-    if resume and ckpt.exists():
-        state = load_checkpoint(learn, ckpt)
+    if saved is not None:
+        state = load_checkpoint(learn, ckpt, saved)
         if state['n_epoch']!=epochs: raise ValueError(f"{ckpt} was written by a run of {state['n_epoch']} epochs, not {epochs}")
         start,best = state['epoch']+1,state['best']
         learn.nucleus['pretrained'] = state.get('pretrained', learn.nucleus['pretrained'])  # what the run started from
