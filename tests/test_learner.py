@@ -189,8 +189,13 @@ def test_sync_free_recorder_records_fastais_smoothed_loss(dls):
     np.testing.assert_allclose(learn.recorder.values[-1][0], smooth[-1], rtol=1e-5)  # the epoch's train_loss
 
 
+def _six_batches(fake):
+    "CPU dataloaders of 6 training batches an epoch, on the synthetic data."
+    return dsb_dataloaders(fake.path, cache=fake.cache, n_items=8, crop=32, bs=2, n=12, device='cpu')
+
+
 def test_progress_bar_reads_the_loss_every_few_batches(fake):
-    dls = dsb_dataloaders(fake.path, cache=fake.cache, n_items=8, crop=32, bs=2, n=12, device='cpu')  # 6 batches an epoch
+    dls = _six_batches(fake)
     learn, cb = nucleus_learner(dls, metrics=[]), HostSyncCounter()
     learn.sync_free_recorder.every = 2
     with learn.no_logging(): learn.fit(2, 1e-3, cbs=cb)
@@ -210,7 +215,7 @@ class SeenLoss(Callback):
 
 
 def test_lr_finder_sees_the_current_loss(fake):
-    dls = dsb_dataloaders(fake.path, cache=fake.cache, n_items=8, crop=32, bs=2, n=12, device='cpu')  # 6 batches an epoch
+    dls = _six_batches(fake)
     learn, seen = nucleus_learner(dls, metrics=[]), SeenLoss()
     learn.add_cb(seen)
     lrs = learn.lr_find(num_it=12, show_plot=False)   # with its progress bar
