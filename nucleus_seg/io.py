@@ -210,6 +210,12 @@ def _is_colour(a:np.ndarray)->bool:
     "Whether the channels of uint8 RGB `a` differ (mean absolute difference over 3 grey levels)."
     return float(np.abs(np.diff(a.astype(np.int16), axis=-1)).mean()) > 3
 
+def _transmitted(a:np.ndarray, # uint8 RGB image
+                 g:np.ndarray, # its grey mean
+                )->bool:
+    "Whether `a` is stained tissue seen in transmitted light: in colour, and bright even where tissue fills the frame."
+    return _is_colour(a) and float(np.median(g)) > 100
+
 def hematoxylin(img, # colour image (anything `read_image` reads)
                )->np.ndarray:
     "Hematoxylin optical density (float H×W) from scikit-image's `rgb2hed` colour deconvolution."
@@ -229,7 +235,7 @@ def input_stats(img, # image (anything `read_image` reads)
     sub = a[::step, ::step]
     channel = 'hematoxylin' if mode == 'hed' and _is_colour(sub) else 'grey'
     g = hematoxylin(sub) if channel == 'hematoxylin' else sub.astype(np.float32).mean(-1)
-    invert = channel == 'grey' and _bright_background(g)
+    invert = channel == 'grey' and (_bright_background(g) or _transmitted(sub, g))
     plo, phi = np.percentile(255-g if invert else g, (lo, hi))
     return dict(mode=mode, channel=channel, invert=invert, lo=float(plo), hi=float(phi))
 
