@@ -14,7 +14,9 @@
 # with the DSB score in and out of process, and the 65 test images with the model trained before it, GPU_MODEL, or the
 # bundled model), "speed-compact" (the same comparisons for the compact U-Net, after "speed" when time is left: about
 # 100 s more on an H200). GPU_SPEED_ARGS replaces the "speed" step's options (a shorter run: "--peak-tflops 989 --profile 20
-# --infer-workers default"). GPU_COMPACT_EPOCHS and GPU_COMPACT_LIMIT (seconds from the start) size "compact".
+# --infer-workers default"). GPU_COMPACT_EPOCHS and GPU_COMPACT_LIMIT (seconds from the start) size "compact";
+# GPU_COMPACT_ARGS adds bench_train.py options to it and GPU_COMPACT_NAME names its files (default compact), such as
+# GPU_COMPACT_ARGS="--input-mode colour" GPU_COMPACT_NAME=compact_colour (levers_cpu-2core.md, E6).
 # All four do not fit one call: "train notebooks" took about 440 s on an H200, "compact" 411 s, and "speed speed-compact"
 # 480 s (before --pad8: add about 20 s). The carried files must fit 64 MiB with the tree: bench/gpu_pack.py sees to it.
 # Next call on a GPU (only the ratio target is unmet): GPU_SPEED_ARGS="--peak-tflops 989 --pad8 --compile --profile 20
@@ -49,13 +51,14 @@ if [[ $STEPS == *" train "* ]]; then
   MODEL=nbs/runs/full/model.safetensors
 fi
 if [[ $STEPS == *" compact "* ]]; then
-  echo "== 6: the compact model with a GPU budget (crops 256, batch 32, 100 epochs)"
+  N=${GPU_COMPACT_NAME:-compact}
+  echo "== 6: the compact model with a GPU budget (crops 256, batch 32, 100 epochs) ${GPU_COMPACT_ARGS:-}, as $N"
   if [ -n "${GPU_RUN_QUICK:-}" ]; then COMPACT="--quick"; else COMPACT="--crop 256 --bs 32 --epochs ${GPU_COMPACT_EPOCHS:-100} --lr 3e-3"; fi
-  timeout "$(left ${GPU_COMPACT_LIMIT:-360})" python3 bench/bench_train.py --arch compact $COMPACT --out nbs/runs/compact_gpu \
-    --results "$OUT/train_gpu_compact" --submission "$OUT/submission_stage1_gpu_compact.csv" || echo "compact bench_train failed or timed out"
+  timeout "$(left ${GPU_COMPACT_LIMIT:-360})" python3 bench/bench_train.py --arch compact $COMPACT ${GPU_COMPACT_ARGS:-} --out nbs/runs/${N}_gpu \
+    --results "$OUT/train_gpu_$N" --submission "$OUT/submission_stage1_gpu_$N.csv" || echo "compact bench_train failed or timed out"
   # the model and its history come back even when scoring ran out of time (a later call can score them with --resume)
-  cp nbs/runs/compact_gpu/model.safetensors "$OUT/compact_gpu.safetensors" 2>/dev/null; cp nbs/runs/compact_gpu/history.csv "$OUT/train_gpu_compact_history.csv" 2>/dev/null
-  MODEL=nbs/runs/compact_gpu/model.safetensors
+  cp nbs/runs/${N}_gpu/model.safetensors "$OUT/${N}_gpu.safetensors" 2>/dev/null; cp nbs/runs/${N}_gpu/history.csv "$OUT/train_gpu_${N}_history.csv" 2>/dev/null
+  MODEL=nbs/runs/${N}_gpu/model.safetensors
 fi
 if [[ $STEPS == *" notebooks "* ]]; then
   echo "== 4: the notebooks' cuda cells (they reuse nbs/runs/full)"

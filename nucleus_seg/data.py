@@ -19,7 +19,7 @@ from fastdownload import download_url
 from skimage.segmentation import find_boundaries
 from skimage.segmentation import relabel_sequential
 from .io import (DSBDataError, read_image, read_mask, read_label, save_image, save_label, atomic_write,
-                            normalise_image, image_modality, interactive, INPUT_MODES, MODALITIES)
+                            normalise_image, image_modality, interactive, INPUT_MODES, COLOUR_MODES, MODALITIES)
 from .io import progress as nucleus_progress
 
 # %% ../nbs/01_data.ipynb #ecb95e4f
@@ -313,7 +313,7 @@ class ModalitySplitter:
         return [i for i in range(len(mods)) if i not in vs], valid
 
 # %% ../nbs/01_data.ipynb #a4e81468
-def dsb_batch_tfms(input_mode:str='grey', # the images' input mode: colour augmentation only for 'rgb'
+def dsb_batch_tfms(input_mode:str='grey', # the images' input mode: colour augmentation only in `COLOUR_MODES`
                    max_lighting:float=0.2, # brightness/contrast strength
                    zoom:tuple=None, # (smallest, largest) random scale factor, e.g. (0.5, 1.5); None: no rescaling
                    dihedral:bool=True, # include the 8 flips and rotations
@@ -322,7 +322,7 @@ def dsb_batch_tfms(input_mode:str='grey', # the images' input mode: colour augme
     tfms = [Dihedral(p=1.)] if dihedral else []
     if zoom: tfms.append(Zoom(min_zoom=zoom[0], max_zoom=zoom[1], p=0.75))  # `Zoom(f)` shows content at f times its size
     tfms += [Brightness(max_lighting, p=0.75), Contrast(max_lighting, p=0.75)]
-    if input_mode == 'rgb': tfms += [Saturation(max_lighting, p=0.5), Hue(0.05, p=0.5)]
+    if input_mode in COLOUR_MODES: tfms += [Saturation(max_lighting, p=0.5), Hue(0.05, p=0.5)]
     return tfms + [Normalize.from_stats(*imagenet_stats)]
 
 # %% ../nbs/01_data.ipynb #9c687ed8
@@ -362,12 +362,12 @@ def _has_label(row)->bool:
     return l is not None and not (isinstance(l, float) and np.isnan(l)) and str(l) not in ('', 'None')
 
 def decode_row(row, # index row from `prepare_dsb` or `labelled_pairs` (`image`, `label`)
-               input_mode:str='grey', # one of `INPUT_MODES`; grey modes keep one channel
+               input_mode:str='grey', # one of `INPUT_MODES`; grey views keep one channel
                target:str='classes3', # 'binary' or 'classes3' (see `TARGET_CODES`)
               )->tuple:
-    "Prepared image (C×H×W `uint8`, C=1 unless 'rgb') and `instance_target` (H×W `uint8`; zeros without a label)."
+    "Prepared image (C×H×W `uint8`, C=3 in `COLOUR_MODES`, else 1) and `instance_target` (H×W `uint8`; zeros without a label)."
     img = normalise_image(read_image(row['image']), input_mode)
-    if input_mode != 'rgb': img = img[..., :1]
+    if input_mode not in COLOUR_MODES: img = img[..., :1]
     lbl = read_label(row['label']) if _has_label(row) else np.zeros(img.shape[:2], np.uint16)
     if lbl.shape != img.shape[:2]: raise DSBDataError(f"{row['label']}: label image is {lbl.shape[0]}×{lbl.shape[1]}, its image {img.shape[0]}×{img.shape[1]}")
     tgt = instance_target(lbl, target)

@@ -292,6 +292,12 @@ def test_decode_row(tmp_path):
     from nucleus_seg.io import normalise_image
     np.testing.assert_array_equal(decode_row(row, 'hed')[0][0], normalise_image(img, 'hed')[..., 0])
     assert decode_row(row, 'rgb')[0].shape == (3, 30, 40)
+    col = decode_row(row, 'colour')[0]   # the colour view keeps three distinct channels of a colour image, nuclei bright
+    assert col.shape == (3, 30, 40) and (col[0] != col[1]).any()
+    assert col.astype(float).mean(0)[lbl > 0].mean() > col.astype(float).mean(0)[lbl == 0].mean()
+    save_image(fake_image(lbl, 'fluorescence'), tmp_path/'f.png')   # and one grey channel of a grey image, as 'grey'
+    frow = dict(row, image=tmp_path/'f.png')
+    np.testing.assert_array_equal(decode_row(frow, 'colour')[0], decode_row(frow)[0].repeat(3, 0))
     assert (decode_row(row, target='binary')[1] == (lbl > 0)).all()
     for missing in (None, float('nan'), ''):
         assert (decode_row(dict(image=tmp_path/'i.png', label=missing))[1] == 0).all()
@@ -368,7 +374,7 @@ def test_batch_tfms():
     from fastai.data.transforms import Normalize
     t = dsb_batch_tfms('grey', zoom=(0.5, 1.5))
     assert isinstance(t[0], Dihedral) and isinstance(t[-1], Normalize) and any(isinstance(o, Zoom) for o in t)
-    assert not any(isinstance(o, (Saturation, Hue)) for o in t) and any(isinstance(o, Hue) for o in dsb_batch_tfms('rgb'))
+    assert not any(isinstance(o, (Saturation, Hue)) for o in t) and all(any(isinstance(o, Hue) for o in dsb_batch_tfms(m)) for m in ('rgb', 'colour'))
     assert not any(isinstance(o, (Dihedral, Zoom)) for o in dsb_batch_tfms(dihedral=False))
 
 
