@@ -15,8 +15,8 @@
 # bundled model), "speed-compact" (the same comparisons for the compact U-Net, after "speed" when time is left: about
 # 100 s more on an H200). GPU_SPEED_ARGS replaces the "speed" step's options (a shorter run: "--peak-tflops 989 --profile 20
 # --infer-workers default"). GPU_COMPACT_EPOCHS and GPU_COMPACT_LIMIT (seconds from the start) size "compact";
-# GPU_COMPACT_ARGS adds bench_train.py options to it and GPU_COMPACT_NAME names its files (default compact), such as
-# GPU_COMPACT_ARGS="--input-mode colour" GPU_COMPACT_NAME=compact_colour (levers_cpu-2core.md, E6).
+# GPU_COMPACT_ARGS adds bench_train.py options to it and GPU_COMPACT_NAME names its files (default compact), so a
+# variant of the recipe (such as --input-mode colour, which lost on the CPU: levers_cpu-2core.md) comes back apart.
 # All four do not fit one call: "train notebooks" took about 440 s on an H200, "compact" 411 s, and "speed speed-compact"
 # 480 s (before --pad8: add about 20 s). The carried files must fit 64 MiB with the tree: bench/gpu_pack.py sees to it.
 # Next call on a GPU (only the ratio target is unmet): GPU_SPEED_ARGS="--peak-tflops 989 --pad8 --compile --profile 20
