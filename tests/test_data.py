@@ -295,7 +295,7 @@ def test_decode_row(tmp_path):
     col = decode_row(row, 'colour')[0]   # the colour view keeps three distinct channels of a colour image, nuclei bright
     assert col.shape == (3, 30, 40) and (col[0] != col[1]).any()
     assert col.astype(float).mean(0)[lbl > 0].mean() > col.astype(float).mean(0)[lbl == 0].mean()
-    save_image(fake_image(lbl, 'fluorescence'), tmp_path/'f.png')   # and one grey channel of a grey image, as 'grey'
+    save_image(fake_image(lbl, 'fluorescence'), tmp_path/'f.png')   # a grey image: three copies of its 'grey' view
     frow = dict(row, image=tmp_path/'f.png')
     np.testing.assert_array_equal(decode_row(frow, 'colour')[0], decode_row(frow)[0].repeat(3, 0))
     assert (decode_row(row, target='binary')[1] == (lbl > 0)).all()
