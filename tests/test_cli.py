@@ -89,6 +89,14 @@ def test_app_is_registered():
     assert '--port' in command_parser('app').format_help()
 
 
+def test_app_without_voila_says_what_to_install(monkeypatch, capsys):
+    "A core install has no Voila: `nucleus-seg app` names the extra in one line instead of Voila's traceback."
+    monkeypatch.setitem(sys.modules, 'voila', None)   # what `importlib.util.find_spec` reports for a missing module
+    assert main(['app', '--port', '0']) == 1
+    err = one_line_error(capsys.readouterr().err)
+    assert "pip install 'nucleus-seg[app]'" in err and '--api' in err, err
+
+
 # ---------- one-line errors ----------
 @pytest.mark.parametrize('args,code,msg', [
     (['frobnicate'], 2, "unknown command 'frobnicate'"),
