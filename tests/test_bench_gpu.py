@@ -1,11 +1,11 @@
-"The preparation of a GPU call (bench/gpu_pack.py) and the reading of its profile (bench/bench_speed.py): both run where no test would see them fail"
+"The preparation of a GPU call (bench/gpu_pack.py), the reading of its profile (bench/bench_speed.py) and the floors it is\ncompared with (bench/bench_roofline.py): all run where no test would see them fail"
 import sys
 from pathlib import Path
 import pandas as pd
 from fastcore.test import test_eq as eq
 
 sys.path.insert(0, str(Path(__file__).parents[1]/'bench'))
-import gpu_pack, bench_speed
+import gpu_pack, bench_speed, bench_roofline
 
 
 def _cache(root, n=6):
@@ -34,3 +34,15 @@ def test_profile_kinds_file_cudnn_padding_apart_from_convolutions():
     eq(bench_speed.kind_of('sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc'), 'conv/matmul')
     eq(bench_speed.kind_of('aten::native_batch_norm_backward'), 'normalisation')
     eq(bench_speed.kind_of('void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda>'), 'other')
+
+
+def test_roofline_extrapolates_each_operation_exactly():
+    "Counts for a batch of 3 extrapolated from steps of 1 and 2 images equal the counts of a step of 3"
+    r = bench_roofline.count_step('compact', 64, bs=3)
+    ops,n_params = bench_roofline.record_step('compact', 64, 3)
+    eq(r['flops_per_batch'], sum(f for _,f,_ in ops))
+    eq(r['gb_per_batch']['eager'], (sum(e for *_,e in ops)*2 + n_params*28)/1e9)
+    conv = sum(e for k,_,e in ops if k in bench_roofline.CONV)
+    assert 0 < conv < sum(e for *_,e in ops)
+    eq(r['gb_per_batch']['conv_only'], (conv*2 + n_params*28)/1e9)
+    assert r['ms_per_op_floor']['conv_only'] < r['ms_per_op_floor']['eager']
