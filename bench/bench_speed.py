@@ -13,7 +13,9 @@
     `--adam`, (b) with fastai's `Adam` in place of `fused_adamw` (`project_adam`), and with `--pad8`, (b) with the
     network padding its input to 8 channels (`project_pad8`: `nucleus_learner(pad_in=8)`; the U-Net's convolutions then
     have no channel count that cuDNN pads to a multiple of 8, but the 3-class output), and with both `--pad8` and
-    `--compile`, the two together (`project_pad8_compiled`), in the same run.
+    `--compile`, the two together (`project_pad8_compiled`), and with `--nhwc-shuffle`, (b) upsampling in the
+    channels-last layout (`project_nhwc`: `nucleus_learner(nhwc_shuffle=True)`; with `--pad8` also `project_pad8_nhwc`),
+    in the same run.
 Each variant also reports its host waits per training batch (`host_syncs` calls, and on CUDA the synchronising calls
 that `torch.cuda.set_sync_debug_mode` reports), the loading of the next batches included.
 With `--count-ops`, the tensor operations dispatched per training batch of (a), (b) and, with `--adam`, `project_adam`,
@@ -93,9 +95,10 @@ def plain_learner(a, dev, df):
     return learn.to_bf16() if torch.device(dev).type == 'cuda' else learn
 
 def learner_of(kind, a, dev, df):
-    "The learner of a variant: 'plain', 'project', 'project_adam' (fastai's `Adam`), 'project_compiled', 'project_cudnn', 'project_pad8', 'project_pad8_compiled'"
+    "The learner of a variant: 'plain', 'project', 'project_adam' (fastai's `Adam`), 'project_compiled', 'project_cudnn', 'project_pad8', 'project_pad8_compiled', 'project_nhwc', 'project_pad8_nhwc'"
     if kind == 'plain': return plain_learner(a, dev, df)
-    learn = project_learner(a, dev, **(dict(opt_func=Adam) if kind == 'project_adam' else {}), **(dict(pad_in=8) if 'pad8' in kind else {}))
+    learn = project_learner(a, dev, **(dict(opt_func=Adam) if kind == 'project_adam' else {}), **(dict(pad_in=8) if 'pad8' in kind else {}),
+                            **(dict(nhwc_shuffle=True) if 'nhwc' in kind else {}))
     if kind.endswith('compiled'): compile_unet(learn.model, train_only=True)   # as train_nucleus(compile=...) does
     return learn
 
@@ -288,6 +291,8 @@ def main(argv=None):
     ap.add_argument('--adam', action='store_true', help="also time the project path with fastai's Adam (a variant)")
     ap.add_argument('--pad8', action='store_true', help="also time the project path with its input padded to 8 channels inside the network "
                                                         "(a variant, pad_in=8: no convolution but the output then has a channel count cuDNN pads)")
+    ap.add_argument('--nhwc-shuffle', action='store_true', help="also time the project path upsampling in the channels-last layout "
+                                                                "(a variant, nhwc_shuffle=True: CUDA's pixel shuffle returns channels-first)")
     ap.add_argument('--count-ops', action='store_true', help='count the tensor operations per training batch, by phase')
     ap.add_argument('--profile', type=int, default=0, help='profile this many training batches of the project path')
     ap.add_argument('--epoch-times', action='store_true', help="time whole epochs with the DSB score in this process and in DSBMetric's workers")
@@ -306,6 +311,7 @@ def main(argv=None):
     if a.n_items: df = modality_subset(df, a.n_items)
     res['n_train_images'] = len(df)
     learners, kinds = {}, ('plain', 'project') + (('project_cudnn',) if a.cudnn_benchmark else ()) + (('project_adam',) if a.adam else ()) + (('project_pad8',) if a.pad8 else ())
+    kinds += (('project_nhwc',) if a.nhwc_shuffle else ()) + (('project_pad8_nhwc',) if a.nhwc_shuffle and a.pad8 else ())
     kinds += (('project_compiled',) if a.compile else ()) + (('project_pad8_compiled',) if a.compile and a.pad8 else ())
     for kind in kinds:
         try: res[kind], learners[kind] = train_speed(kind, a, dev, df)

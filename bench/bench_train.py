@@ -47,6 +47,7 @@ def parse(argv=None):
     p.add_argument('--bs', type=int, default=16); p.add_argument('--crop', type=int, default=128)
     p.add_argument('--input-mode', default='grey'); p.add_argument('--zoom', default='none', help="random rescaling such as 0.5,1.5; 'none' for none")
     p.add_argument('--n-items', type=int, default=None, help='train on this many images (default: all 664)')
+    p.add_argument('--nhwc-shuffle', action='store_true', help="upsample in the channels-last layout (nucleus_learner's nhwc_shuffle)")
     p.add_argument('--pad-in', type=int, default=None, help="pad the input to this many channels inside the network (train_nucleus's pad_in, such as 8)")
     p.add_argument('--compile', default=None, help="torch.compile the network for training: a backend name such as inductor (default: eager)")
     p.add_argument('--no-tune', action='store_true'); p.add_argument('--resume', action='store_true', help='reuse/continue the run in --out')
@@ -71,13 +72,14 @@ def main(argv=None):
     reused = a.resume and (out/'model.safetensors').exists()  # a finished run: its model file is loaded, nothing trained
     sync(dev); t0 = time.perf_counter()
     train_nucleus(out, arch=a.arch, epochs=a.epochs, lr=a.lr, bs=a.bs, crop=a.crop, n_items=a.n_items,
-                  input_mode=a.input_mode, zoom=zoom, tune=not a.no_tune, resume=a.resume, pad_in=a.pad_in, compile=a.compile or False)
+                  input_mode=a.input_mode, zoom=zoom, tune=not a.no_tune, resume=a.resume, pad_in=a.pad_in, compile=a.compile or False,
+                  **(dict(nhwc_shuffle=True) if a.nhwc_shuffle else {}))
     sync(dev); total_s = time.perf_counter()-t0
     cfg = read_model(out/'model.safetensors')[1]
     r = cfg['recipe']
     res['recipe'] = dict(arch=a.arch, arch_params=cfg['arch_params'], epochs=a.epochs, crop=r['crop'], bs=r['bs'], lr=a.lr,
                          target=cfg['target'], input=cfg['input'], zoom=r['zoom'], tta=cfg['tta'], postprocess=cfg['postprocess'],
-                         pad_in=cfg.get('pad_in'), compile=a.compile)
+                         pad_in=cfg.get('pad_in'), compile=a.compile, nhwc_shuffle=a.nhwc_shuffle)
     res['train_seconds'], res['train_img_per_s'] = r['train_seconds'], r['train_img_per_s']
     res['reused_run'] = reused
     res['train_and_tune_seconds'] = None if reused else round(total_s, 1)
@@ -118,7 +120,8 @@ def markdown(r):
     rows = [('device', r['device']), ('torch / fastai', f"{r['torch']} / {r['fastai']}"), ('commit', r['commit']), ('date', r['date']),
             ('recipe', f"{rc['arch']} {rc['arch_params']}, {rc['epochs']} epochs, crops {rc['crop']}, bs {rc['bs']}, lr {rc['lr']}, "
                        f"target {rc['target']}, input {rc['input']['mode']}, zoom {rc['zoom']}"
-                       + (f", input padded to {rc['pad_in']} channels" if rc.get('pad_in') else '') + (f", compiled ({rc['compile']})" if rc.get('compile') else '')),
+                       + (f", input padded to {rc['pad_in']} channels" if rc.get('pad_in') else '') + (f", compiled ({rc['compile']})" if rc.get('compile') else '')
+                       + (", upsampling channels-last" if rc.get('nhwc_shuffle') else '')),
             ('training', f"{r['train_seconds']} s ({r['train_seconds']/60:.1f} min), {r['train_img_per_s']} images/s at steady state"),
             ('training + tuning', 'not measured: a finished run reused' if r.get('reused_run') else f"{r['train_and_tune_seconds']} s"),
             ('peak GPU memory in training (GiB)', r['peak_gpu_memory_gib'] if r['peak_gpu_memory_gib'] is not None else 'not recorded'),

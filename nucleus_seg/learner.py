@@ -6,12 +6,12 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/learner.html.md"""
 
 # %% auto #0
 __all__ = ['ARCHS', 'WEIGHTS_URL_ENV', 'MODEL_FORMAT', 'MODEL_FORMAT_VERSION', 'NucleusLoss', 'cpu_workers', 'DSBMetric',
-           'encoder_fn', 'PadChannels', 'unet_model', 'widen_state', 'imagenet_weights_url', 'load_imagenet_weights',
-           'fused_adamw', 'host_syncs', 'HostSyncCounter', 'DeviceSmoothLoss', 'SyncFreeRecorder', 'BF16Input',
-           'nucleus_learner', 'atomic_save', 'BestModelCallback', 'CheckpointCallback', 'HistoryCallback',
-           'read_checkpoint', 'load_checkpoint', 'ModelFileError', 'save_model', 'read_model', 'load_model',
-           'learner_from_file', 'update_model', 'compile_unet', 'fix_gloo_broadcast', 'check_run_folder', 'TrainTimer',
-           'train_nucleus', 'plot_history']
+           'encoder_fn', 'PadChannels', 'unet_model', 'widen_state', 'ChannelsLastShuffle', 'channels_last_shuffle',
+           'imagenet_weights_url', 'load_imagenet_weights', 'fused_adamw', 'host_syncs', 'HostSyncCounter',
+           'DeviceSmoothLoss', 'SyncFreeRecorder', 'BF16Input', 'nucleus_learner', 'atomic_save', 'BestModelCallback',
+           'CheckpointCallback', 'HistoryCallback', 'read_checkpoint', 'load_checkpoint', 'ModelFileError',
+           'save_model', 'read_model', 'load_model', 'learner_from_file', 'update_model', 'compile_unet',
+           'fix_gloo_broadcast', 'check_run_folder', 'TrainTimer', 'train_nucleus', 'plot_history']
 
 # %% ../nbs/05_learner.ipynb #d771e6cd
 import os, sys, json, socket, time, warnings, datetime, contextlib
@@ -139,6 +139,22 @@ def widen_state(sd:dict, # a state dict
         out[k] = (torch.ones if k.endswith('running_var') else torch.zeros)(t.shape, dtype=v.dtype)
         out[k][tuple(slice(0,n) for n in v.shape)] = v
     return out
+
+# %% ../nbs/05_learner.ipynb #f7ac55c1
+class ChannelsLastShuffle(nn.PixelShuffle):
+    "`nn.PixelShuffle` that keeps a channels-last input channels-last (on CUDA, PyTorch's returns channels-first)"
+    def forward(self, x):
+        n,c,h,w = x.shape; r = self.upscale_factor
+        if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last) or c%(r*r): return super().forward(x)
+        y = x.permute(0,2,3,1).reshape(n,h,w,c//(r*r),r,r).permute(0,1,4,2,5,3)   # a view: n, h, i, w, j, channel
+        return y.reshape(n,h*r,w*r,c//(r*r)).permute(0,3,1,2)                     # one copy, channels last
+
+def channels_last_shuffle(model:nn.Module)->nn.Module:
+    "Put `ChannelsLastShuffle` in place of `model`'s `nn.PixelShuffle`s, in place"
+    for m in list(model.modules()):
+        for name,child in list(m.named_children()):
+            if type(child) is nn.PixelShuffle: setattr(m, name, ChannelsLastShuffle(child.upscale_factor))
+    return model
 
 # %% ../nbs/05_learner.ipynb #437ad16c
 WEIGHTS_URL_ENV = 'NUCLEUS_SEG_WEIGHTS_URL'
@@ -279,6 +295,7 @@ def nucleus_learner(dls, # `DataLoaders` from `dsb_dataloaders` (images and clas
                     channels_last:bool=True, # without `mixed_precision`, still train in the channels-last layout (faster on CPUs)
                     opt_func=fused_adamw, # the optimiser (fastai's `Adam` is the same arithmetic, one tensor at a time)
                     pad_in:int=None, # pad the input to this many channels inside the network (see `unet_model`; 8 spares GPUs cuDNN's channel padding)
+                    nhwc_shuffle:bool=False, # upsample in the channels-last layout (`channels_last_shuffle`; spares CUDA layout copies in the decoder)
                     **kwargs # passed to fastai's `Learner` (`path`, `cbs`, `wd`...)
                    )->Learner:
     "A dynamic U-Net `Learner` for nucleus masks, its configuration in `learn.nucleus`"
@@ -300,6 +317,7 @@ def nucleus_learner(dls, # `DataLoaders` from `dsb_dataloaders` (images and clas
     if ifnone(mixed_precision, torch.device(ifnone(dls.device, 'cpu')).type=='cuda'):
         learn.to_channelslast(amp_mode=AMPMode.BF16).add_cb(BF16Input())
     elif channels_last: learn.to_channelslast(use_amp=False)
+    if nhwc_shuffle: channels_last_shuffle(learn.model)
     return learn.add_cb(SyncFreeRecorder())
 
 # %% ../nbs/05_learner.ipynb #bebcabad
