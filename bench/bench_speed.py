@@ -13,7 +13,8 @@
     `--adam`, (b) with fastai's `Adam` in place of `fused_adamw` (`project_adam`), and with `--pad8`, (b) with the
     network padding its input to 8 channels (`project_pad8`: `nucleus_learner(pad_in=8)`; the U-Net's convolutions then
     have no channel count that cuDNN pads to a multiple of 8, but the 3-class output), and with both `--pad8` and
-    `--compile`, the two together (`project_pad8_compiled`), and with `--nhwc-shuffle`, (b) upsampling in the
+    `--compile`, the two together (`project_pad8_compiled`), and with `--layouts`, (b) handing the network its batches
+    in the layout the data makes them (`project_as_loaded`: without `ChannelsLastInput`) and (b) upsampling in the
     channels-last layout (`project_nhwc`: `nucleus_learner(nhwc_shuffle=True)`; with `--pad8` also `project_pad8_nhwc`),
     in the same run.
 Each variant also reports its host waits per training batch (`host_syncs` calls, and on CUDA the synchronising calls
@@ -43,7 +44,7 @@ from fastai.vision.all import (Callback, CancelFitException, CancelValidExceptio
 from torch.utils.flop_counter import FlopCounterMode
 from nucleus_seg.io import read_label, read_image
 from nucleus_seg.data import prepare_dsb, dsb_dataloaders, instance_target, modality_subset, TARGET_CODES
-from nucleus_seg.learner import nucleus_learner, NucleusLoss, DSBMetric, encoder_fn, compile_unet, load_model, HostSyncCounter
+from nucleus_seg.learner import nucleus_learner, NucleusLoss, DSBMetric, encoder_fn, compile_unet, load_model, HostSyncCounter, ChannelsLastInput
 from fastai.optimizer import Adam
 from torch.utils._python_dispatch import TorchDispatchMode
 from nucleus_seg.inference import Segmenter, segment_folder, DEFAULT_MODEL
@@ -95,10 +96,11 @@ def plain_learner(a, dev, df):
     return learn.to_bf16() if torch.device(dev).type == 'cuda' else learn
 
 def learner_of(kind, a, dev, df):
-    "The learner of a variant: 'plain', 'project', 'project_adam' (fastai's `Adam`), 'project_compiled', 'project_cudnn', 'project_pad8', 'project_pad8_compiled', 'project_nhwc', 'project_pad8_nhwc'"
+    "The learner of a variant: 'plain', 'project', 'project_adam' (fastai's `Adam`), 'project_compiled', 'project_cudnn', 'project_pad8', 'project_pad8_compiled', 'project_as_loaded', 'project_nhwc', 'project_pad8_nhwc'"
     if kind == 'plain': return plain_learner(a, dev, df)
     learn = project_learner(a, dev, **(dict(opt_func=Adam) if kind == 'project_adam' else {}), **(dict(pad_in=8) if 'pad8' in kind else {}),
                             **(dict(nhwc_shuffle=True) if 'nhwc' in kind else {}))
+    if kind == 'project_as_loaded': learn.remove_cb(ChannelsLastInput)
     if kind.endswith('compiled'): compile_unet(learn.model, train_only=True)   # as train_nucleus(compile=...) does
     return learn
 
@@ -291,8 +293,8 @@ def main(argv=None):
     ap.add_argument('--adam', action='store_true', help="also time the project path with fastai's Adam (a variant)")
     ap.add_argument('--pad8', action='store_true', help="also time the project path with its input padded to 8 channels inside the network "
                                                         "(a variant, pad_in=8: no convolution but the output then has a channel count cuDNN pads)")
-    ap.add_argument('--nhwc-shuffle', action='store_true', help="also time the project path upsampling in the channels-last layout "
-                                                                "(a variant, nhwc_shuffle=True: CUDA's pixel shuffle returns channels-first)")
+    ap.add_argument('--layouts', action='store_true', help="also time the project path with its batches as the data makes them (a variant, "
+                    "without ChannelsLastInput) and upsampling in the channels-last layout (nhwc_shuffle=True: CUDA's pixel shuffle returns channels-first)")
     ap.add_argument('--count-ops', action='store_true', help='count the tensor operations per training batch, by phase')
     ap.add_argument('--profile', type=int, default=0, help='profile this many training batches of the project path')
     ap.add_argument('--epoch-times', action='store_true', help="time whole epochs with the DSB score in this process and in DSBMetric's workers")
@@ -311,7 +313,7 @@ def main(argv=None):
     if a.n_items: df = modality_subset(df, a.n_items)
     res['n_train_images'] = len(df)
     learners, kinds = {}, ('plain', 'project') + (('project_cudnn',) if a.cudnn_benchmark else ()) + (('project_adam',) if a.adam else ()) + (('project_pad8',) if a.pad8 else ())
-    kinds += (('project_nhwc',) if a.nhwc_shuffle else ()) + (('project_pad8_nhwc',) if a.nhwc_shuffle and a.pad8 else ())
+    kinds += (('project_as_loaded', 'project_nhwc') if a.layouts else ()) + (('project_pad8_nhwc',) if a.layouts and a.pad8 else ())
     kinds += (('project_compiled',) if a.compile else ()) + (('project_pad8_compiled',) if a.compile and a.pad8 else ())
     for kind in kinds:
         try: res[kind], learners[kind] = train_speed(kind, a, dev, df)

@@ -10,7 +10,7 @@
 # GPU_STEPS picks the steps (default "speed"): "train" (the resnet34 recipe, 1 and 2 of issue 11), "notebooks" (4;
 # they need "train" first), "compact" (6: the compact model with a GPU budget; train_gpu_compact.json/.md, its
 # submission, model file and history come back), "speed" (3: plain vs project vs the project with fastai's Adam vs
-# cuDNN autotuning vs 8 input channels vs channels-last upsampling vs compiled, tensor operations per batch by phase, a profile of the project's training step, epochs
+# cuDNN autotuning vs 8 input channels vs layouts (batches as loaded, channels-last upsampling) vs compiled, tensor operations per batch by phase, a profile of the project's training step, epochs
 # with the DSB score in and out of process, and the 65 test images with the model trained before it, GPU_MODEL, or the
 # bundled model), "speed-compact" (the same comparisons for the compact U-Net, after "speed" when time is left: about
 # 100 s more on an H200). GPU_SPEED_ARGS replaces the "speed" step's options (a shorter run: "--peak-tflops 989 --profile 20
@@ -19,12 +19,13 @@
 # variant of the recipe (such as --input-mode colour, which lost on the CPU: levers_cpu-2core.md) comes back apart.
 # All four do not fit one call: "train notebooks" took about 440 s on an H200, "compact" 411 s, and "speed speed-compact"
 # 480 s (before --pad8: add about 20 s). The carried files must fit 64 MiB with the tree: bench/gpu_pack.py sees to it.
-# Next call on a GPU (only the ratio target is unmet): GPU_SPEED_ARGS="--peak-tflops 989 --pad8 --nhwc-shuffle --compile
-# --profile 20 --infer-workers default" with the default steps, timeout_s about 420: plain, the project (host waits gone,
-# bf16 input), pad8, nhwc (upsampling kept channels-last), pad8 nhwc, compiled, pad8 compiled, each with its synchronising
-# calls per batch. bench_roofline.py's floors (roofline.md) say what is left to gain. Then "train notebooks" if time is left,
-# with GPU_TRAIN_ARGS="--pad-in 8" if project_pad8 trained clearly faster (the network pads its input to 8 channels:
-# `nucleus-seg train --pad-in 8`), "--nhwc-shuffle" if project_nhwc did, and "--compile inductor" too if a compiled variant's warm-up_seconds pay for
+# Next call on a GPU (only the ratio target is unmet): GPU_SPEED_ARGS="--peak-tflops 989 --pad8 --layouts --compile
+# --profile 20 --infer-workers default" with the default steps, timeout_s about 450: plain, the project (host waits gone,
+# bf16 and channels-last input), the project with its batches as loaded, pad8, nhwc (upsampling kept channels-last),
+# pad8 nhwc, compiled, pad8 compiled, each with its synchronising calls per batch. bench_roofline.py's floors
+# (roofline.md) say what is left to gain. Then "train notebooks" if time is left, with GPU_TRAIN_ARGS="--pad-in 8" if
+# project_pad8 trained clearly faster (the network pads its input to 8 channels: `nucleus-seg train --pad-in 8`),
+# "--nhwc-shuffle" if project_nhwc did, and "--compile inductor" too if a compiled variant's warm-up_seconds pay for
 # themselves within the recipe's 4 minutes. GPU_TRAIN_ARGS adds options to the "train" step's bench_train.py.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
@@ -41,8 +42,8 @@ mkdir -p /tmp/site/bin && printf '#!/usr/bin/env python3\nimport sys\nfrom nucle
 chmod +x /tmp/site/bin/nucleus-seg && nucleus-seg --help > /dev/null || { echo "nucleus-seg launcher failed"; exit 1; }
 if [ -d .dsb_cache ]; then export NUCLEUS_SEG_CACHE="$PWD/.dsb_cache"; unset NUCLEUS_SEG_DATA; export HOME=/tmp/gpuhome; fi
 python3 -c "import torch, fastai, nucleus_seg; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', '| torch', torch.__version__, '| fastai', fastai.__version__)"
-if [ -n "${GPU_RUN_QUICK:-}" ]; then TRAIN="--quick ${GPU_TRAIN_ARGS:-}"; SPEED="--quick --profile 3 --epoch-times --adam --pad8 --nhwc-shuffle --count-ops"; SPEED_COMPACT="--quick --adam --pad8 --count-ops --profile 3"; CUDA=""
-else TRAIN="--gpu-recipe ${GPU_TRAIN_ARGS:-}"; SPEED=${GPU_SPEED_ARGS:-"--peak-tflops 989 --adam --cudnn-benchmark --pad8 --nhwc-shuffle --compile --count-ops --profile 20 --epoch-times"}
+if [ -n "${GPU_RUN_QUICK:-}" ]; then TRAIN="--quick ${GPU_TRAIN_ARGS:-}"; SPEED="--quick --profile 3 --epoch-times --adam --pad8 --layouts --count-ops"; SPEED_COMPACT="--quick --adam --pad8 --count-ops --profile 3"; CUDA=""
+else TRAIN="--gpu-recipe ${GPU_TRAIN_ARGS:-}"; SPEED=${GPU_SPEED_ARGS:-"--peak-tflops 989 --adam --cudnn-benchmark --pad8 --layouts --compile --count-ops --profile 20 --epoch-times"}
   SPEED_COMPACT="--peak-tflops 989 --adam --pad8 --count-ops --profile 20"; CUDA="--flags cuda"; fi
 STEPS=" ${GPU_STEPS:-speed} "; MODEL=""
 if [[ $STEPS == *" train "* ]]; then

@@ -8,10 +8,10 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/learner.html.md"""
 __all__ = ['ARCHS', 'WEIGHTS_URL_ENV', 'MODEL_FORMAT', 'MODEL_FORMAT_VERSION', 'NucleusLoss', 'cpu_workers', 'DSBMetric',
            'encoder_fn', 'PadChannels', 'unet_model', 'widen_state', 'ChannelsLastShuffle', 'channels_last_shuffle',
            'imagenet_weights_url', 'load_imagenet_weights', 'fused_adamw', 'host_syncs', 'HostSyncCounter',
-           'DeviceSmoothLoss', 'SyncFreeRecorder', 'BF16Input', 'nucleus_learner', 'atomic_save', 'BestModelCallback',
-           'CheckpointCallback', 'HistoryCallback', 'read_checkpoint', 'load_checkpoint', 'ModelFileError',
-           'save_model', 'read_model', 'load_model', 'learner_from_file', 'update_model', 'compile_unet',
-           'fix_gloo_broadcast', 'check_run_folder', 'TrainTimer', 'train_nucleus', 'plot_history']
+           'DeviceSmoothLoss', 'SyncFreeRecorder', 'BF16Input', 'ChannelsLastInput', 'nucleus_learner', 'atomic_save',
+           'BestModelCallback', 'CheckpointCallback', 'HistoryCallback', 'read_checkpoint', 'load_checkpoint',
+           'ModelFileError', 'save_model', 'read_model', 'load_model', 'learner_from_file', 'update_model',
+           'compile_unet', 'fix_gloo_broadcast', 'check_run_folder', 'TrainTimer', 'train_nucleus', 'plot_history']
 
 # %% ../nbs/05_learner.ipynb #d771e6cd
 import os, sys, json, socket, time, warnings, datetime, contextlib
@@ -266,6 +266,12 @@ class BF16Input(Callback):
         if not (torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16): return
         self.learn.xb = tuple(x.to(torch.bfloat16) if x.is_floating_point() else x for x in self.xb)
 
+class ChannelsLastInput(Callback):
+    "Hand a channels-last network its image batches channels-last (the resident data's crops are views in other layouts)"
+    order = BF16Input.order+1
+    def before_batch(self): self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim()==4 else x for x in self.xb)
+
+
 # %% ../nbs/05_learner.ipynb #94df63ba
 def _load_body(learn, arch, sd, n_in=3):
     "Copy the encoder part of the torchvision state dict `sd` into `learn.model`'s body (`n_in` channels: the stem's extra ones zero)"
@@ -314,9 +320,10 @@ def nucleus_learner(dls, # `DataLoaders` from `dsb_dataloaders` (images and clas
                          target=_target_of(codes), classes=codes, pretrained=sd is not None,
                          input=dict(mode=getattr(dls, 'input_mode', 'grey'), mean=norm.mean.flatten().tolist(),
                                     std=norm.std.flatten().tolist()), **({'pad_in': pad_in} if pad_in else {}))
-    if ifnone(mixed_precision, torch.device(ifnone(dls.device, 'cpu')).type=='cuda'):
-        learn.to_channelslast(amp_mode=AMPMode.BF16).add_cb(BF16Input())
+    mixed = ifnone(mixed_precision, torch.device(ifnone(dls.device, 'cpu')).type=='cuda')
+    if mixed: learn.to_channelslast(amp_mode=AMPMode.BF16).add_cb(BF16Input())
     elif channels_last: learn.to_channelslast(use_amp=False)
+    if mixed or channels_last: learn.add_cb(ChannelsLastInput())
     if nhwc_shuffle: channels_last_shuffle(learn.model)
     return learn.add_cb(SyncFreeRecorder())
 
