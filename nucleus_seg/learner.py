@@ -144,8 +144,10 @@ def widen_state(sd:dict, # a state dict
 class ChannelsLastShuffle(nn.PixelShuffle):
     "`nn.PixelShuffle` that keeps a channels-last input channels-last (on CUDA, PyTorch's returns channels-first)"
     def forward(self, x):
-        n,c,h,w = x.shape; r = self.upscale_factor
-        if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last) or c%(r*r): return super().forward(x)
+        r = self.upscale_factor
+        if x.dim()!=4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last) or x.shape[1]%(r*r):
+            return super().forward(x)
+        n,c,h,w = x.shape
         y = x.permute(0,2,3,1).reshape(n,h,w,c//(r*r),r,r).permute(0,1,4,2,5,3)   # a view: n, h, i, w, j, channel
         return y.reshape(n,h*r,w*r,c//(r*r)).permute(0,3,1,2)                     # one copy, channels last
 
