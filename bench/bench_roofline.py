@@ -15,7 +15,6 @@ The floors per batch use the ceilings measured on an H200 of this workplace (KIN
 large bf16 matrix product, 4.3 TB/s for a device-to-device copy; they are compared with `speed_gpu.json`'s measured
 rates and with the rate a `ratio` of 7 needs."""
 import argparse, json, time
-from collections import defaultdict
 from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -10,10 +10,11 @@
 # GPU_STEPS picks the steps (default "speed"): "train" (the resnet34 recipe, 1 and 2 of issue 11), "notebooks" (4;
 # they need "train" first), "compact" (6: the compact model with a GPU budget; train_gpu_compact.json/.md, its
 # submission, model file and history come back), "speed" (3: plain vs project vs the project with fastai's Adam vs
-# cuDNN autotuning vs 8 input channels vs layouts (batches as loaded, channels-last upsampling) vs compiled, tensor operations per batch by phase, a profile of the project's training step, epochs
-# with the DSB score in and out of process, and the 65 test images with the model trained before it, GPU_MODEL, or the
-# bundled model), "speed-compact" (the same comparisons for the compact U-Net, after "speed" when time is left: about
-# 100 s more on an H200). GPU_SPEED_ARGS replaces the "speed" step's options (a shorter run: "--peak-tflops 989 --profile 20
+# cuDNN autotuning vs 8 input channels vs layouts (batches as loaded, channels-last upsampling) vs compiled, tensor
+# operations per batch by phase, a profile of the project's training step, epochs with the DSB score in and out of
+# process, and the 65 test images with the model trained before it, GPU_MODEL, or the bundled model),
+# "speed-compact" (the same comparisons for the compact U-Net, after "speed" when time is left: about 100 s more on
+# an H200). GPU_SPEED_ARGS replaces the "speed" step's options (a shorter run: "--peak-tflops 989 --profile 20
 # --infer-workers default"). GPU_COMPACT_EPOCHS and GPU_COMPACT_LIMIT (seconds from the start) size "compact";
 # GPU_COMPACT_ARGS adds bench_train.py options to it and GPU_COMPACT_NAME names its files (default compact), so a
 # variant of the recipe (such as --input-mode colour, which lost on the CPU: levers_cpu-2core.md) comes back apart.
