@@ -19,6 +19,7 @@ from nucleus_seg.data import prepare_dsb
 from nucleus_seg.inference import load_segmenter, segment_folder
 from nucleus_seg.io import read_image, read_label, save_label, save_image, nucleus_table, atomic_write
 from nucleus_seg.instances import outline_overlay
+from bench_speed import md_table
 from nucleus_seg.distributed import dask_client, register_segmenter, segmenter_loads, segment_collection, segment_slide
 
 def _noop(i): return i
@@ -121,12 +122,6 @@ def project(res):
         hours = (1e6/rate + best['cluster_start_s'] + best['model_load_s'])/3600
         rows.append(dict(machines=n, images_per_s=round(rate, 1), hours=round(hours, 2), limit=limit))
     return rows,dict(per_machine=per_machine, scheduler_images_per_s=round(sched), storage_images_per_s=round(storage))
-
-def md_table(df:pd.DataFrame, index=False)->str:
-    "A Markdown table (no `tabulate` needed)"
-    if index: df = df.reset_index()
-    rows = [[str(c) for c in df.columns]] + [[str(v) for v in r] for r in df.itertuples(index=False)]
-    return '\n'.join(['| ' + ' | '.join(r) + ' |' for r in rows[:1]] + ['|' + '---|'*len(rows[0])] + ['| ' + ' | '.join(r) + ' |' for r in rows[1:]])
 
 def markdown(res)->str:
     c = pd.DataFrame(res['collection']); s = res['slide']

@@ -38,7 +38,7 @@ rate is also given as a fraction of the device's dense bf16 peak. Results: `benc
 """
 import argparse, json, os, time, warnings
 from pathlib import Path
-import numpy as np, torch
+import numpy as np, pandas as pd, torch
 from fastai.vision.all import (Callback, CancelFitException, CancelValidException, DataBlock, ImageBlock, MaskBlock, RandomCrop, aug_transforms,
                                Normalize, imagenet_stats, unet_learner, CrossEntropyLossFlat, PILImage, PILMask)
 from torch.utils.flop_counter import FlopCounterMode
@@ -52,6 +52,12 @@ from nucleus_seg.inference import Segmenter, segment_folder, DEFAULT_MODEL
 def device_tag(dev)->str:
     "The device as results name it: the GPU's name, or `cpu-<N>core`"
     return torch.cuda.get_device_name() if torch.device(dev).type == 'cuda' else f'cpu-{os.cpu_count()}core'
+
+def md_table(df:pd.DataFrame, index=False)->str:
+    "A Markdown table (no `tabulate` needed)"
+    if index: df = df.reset_index()
+    rows = [[str(c) for c in df.columns]] + [[str(v) for v in r] for r in df.itertuples(index=False)]
+    return '\n'.join(['| ' + ' | '.join(r) + ' |' for r in rows[:1]] + ['|' + '---|'*len(rows[0])] + ['| ' + ' | '.join(r) + ' |' for r in rows[1:]])
 
 def sync(dev):
     if torch.device(dev).type == 'cuda': torch.cuda.synchronize()

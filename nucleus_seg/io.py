@@ -196,7 +196,7 @@ def save_image(img, # uint8 image, H×W or H×W×3
     return atomic_write(fn, lambda t: im.save(t, format='PNG', compress_level=3))
 
 # %% ../nbs/00_io.ipynb #178e3739
-INPUT_MODES = ('grey', 'hed', 'colour', 'rgb')
+INPUT_MODES = ('grey', 'red', 'hed', 'colour', 'rgb')
 COLOUR_MODES = ('colour', 'rgb')  # input modes whose views keep colour; the others are grey, three equal channels
 
 def _as_rgb8(img)->np.ndarray:
@@ -223,6 +223,14 @@ def hematoxylin(img, # colour image (anything `read_image` reads)
     from skimage.color import rgb2hed
     return rgb2hed(_as_rgb8(img))[..., 0]
 
+def _channel(a:np.ndarray, # uint8 RGB image
+             ch:str, # 'grey' (the mean), 'red', 'rgb' (all three) or 'hematoxylin'
+            )->np.ndarray:
+    "The float array `normalise_image` inverts and stretches for the channel `ch` of `a`."
+    if ch == 'hematoxylin': return hematoxylin(a)
+    a = a.astype(np.float32)
+    return a if ch == 'rgb' else a[..., 0] if ch == 'red' else a.mean(-1)
+
 def input_stats(img, # image (anything `read_image` reads)
                 mode:str='grey', # one of `INPUT_MODES`
                 lo:float=1., hi:float=99.8, # percentiles mapped to 0 and 255
@@ -234,10 +242,10 @@ def input_stats(img, # image (anything `read_image` reads)
     if mode == 'rgb': return dict(mode=mode)
     step = max(1, int(np.ceil(np.sqrt(a.shape[0]*a.shape[1]/max_samples))))
     sub = a[::step, ::step]
-    channel = {'hed': 'hematoxylin', 'colour': 'rgb'}.get(mode, 'grey') if _is_colour(sub) else 'grey'
-    g = hematoxylin(sub) if channel == 'hematoxylin' else sub.astype(np.float32).mean(-1)
+    channel = {'hed': 'hematoxylin', 'colour': 'rgb', 'red': 'red'}.get(mode, 'grey') if _is_colour(sub) else 'grey'
+    g = _channel(sub, 'hematoxylin' if channel == 'hematoxylin' else 'grey')  # whether to invert: judged on the mean
     invert = channel != 'hematoxylin' and (_bright_background(g) or _transmitted(sub, g))
-    v = sub.astype(np.float32) if channel == 'rgb' else g  # the colour view stretches all three channels alike
+    v = _channel(sub, channel) if channel in ('rgb', 'red') else g  # the colour view stretches all three channels alike
     plo, phi = np.percentile(255-v if invert else v, (lo, hi))
     return dict(mode=mode, channel=channel, invert=invert, lo=float(plo), hi=float(phi))
 
@@ -251,7 +259,7 @@ def normalise_image(img, # image (anything `read_image` reads), or a window of o
     st = stats or input_stats(a, mode, lo, hi)
     if st['mode'] == 'rgb': return a
     ch = st['channel']
-    g = hematoxylin(a) if ch == 'hematoxylin' else a.astype(np.float32) if ch == 'rgb' else a.astype(np.float32).mean(-1)
+    g = _channel(a, ch)
     if st['invert']: g = 255 - g
     out = (np.clip((g-st['lo'])/max(st['hi']-st['lo'], 1e-6), 0, 1)*255).round().astype(np.uint8)
     return out if ch == 'rgb' else out[..., None].repeat(3, -1)

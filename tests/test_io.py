@@ -169,6 +169,24 @@ def test_input_modes_hed_and_rgb(colour):
     with pytest.raises(ValueError, match='input mode must be one of'): input_stats(colour, 'lab')
 
 
+def test_input_mode_red():
+    "'red': a colour image's grey view is its red channel, inverted and stretched as in 'grey'; grey images as in 'grey'."
+    lbl = grid_label()
+    he = fake_image(lbl, 'histology', seed=3)
+    st = input_stats(he, 'red')
+    assert st['channel'] == 'red' and st['invert'] and input_stats(he)['invert']   # stained tissue: inverted, as in 'grey'
+    r = 255 - he[..., 0].astype(np.float32)
+    lo, hi = np.percentile(r, (1, 99.8))
+    assert (st['lo'], st['hi']) == pytest.approx((lo, hi))
+    n = normalise_image(he, 'red')
+    assert (n == n[..., :1]).all()
+    np.testing.assert_array_equal(n[..., 0], (np.clip((r-lo)/(hi-lo), 0, 1)*255).round().astype(np.uint8))
+    assert (n != normalise_image(he)).any()   # not the mean's view
+    grey = fake_image(lbl, 'fluorescence', seed=3)
+    assert input_stats(grey, 'red')['channel'] == 'grey'
+    np.testing.assert_array_equal(normalise_image(grey, 'red'), normalise_image(grey))
+
+
 def test_window_normalised_with_whole_image_stats():
     "A window prepared with the whole image's statistics is the window of the prepared whole image (tiles rely on it)."
     img = (fake_image(grid_label((96, 128)), seed=4)*np.linspace(0.5, 1, 128)[None, :, None]).astype(np.uint8)
