@@ -30,6 +30,11 @@ def _segmenter(model=None, cpu=False, **kwargs):
     if (s := kwargs.get('scale')) not in (None, 'folder'):
         try: check_scale(s)
         except ValueError: raise CliError(f"--scale must be 'auto', 'folder' or a number from 1/8 to 8, not {s!r}") from None
+    if (m := kwargs.get('input_mode')) is not None:
+        from nucleus_seg.inference import DEFAULT_MODEL, check_input_mode
+        from nucleus_seg.learner import read_model
+        try: check_input_mode(m, read_model(model or DEFAULT_MODEL)[1]['input']['mode'])
+        except ValueError as e: raise CliError(f"--input-mode: {e}") from None
     kwargs = {k:v for k,v in kwargs.items() if v is not None and not (k == 'scale' and v == 'folder')}
     seg = load_segmenter(model, device='cpu' if cpu else None, **kwargs)
     say(f"using the {seg.name} on {seg.device.type}")
@@ -197,6 +202,7 @@ def predict(src:Annotated[str, dict(nargs='+')], # image files or folders of ima
             cpu:store_true=False, # use the CPU even when a GPU is present
             bf16:bool_arg=None, # predict in bfloat16 (default: on a GPU; faster on CPUs with native bfloat16, such as AMX)
             scale:str=None, # resize images by this factor before the network (0.5: nuclei twice DSB2018's size); 'auto': chosen per image; 'folder': one factor, measured on 16 of the images
+            input_mode:str=None, # the network's view; a grey model also takes red (the red channel of colour images, for pink H&E tissue) or hed (default: the model's)
             scheduler:str=None, # spread the files over a Dask cluster: 'local' (one worker per core) or a scheduler address; files already done are skipped
            ):
     "Segment images: label images, overlays, nucleus tables and an RLE CSV in OUT"
@@ -206,11 +212,11 @@ def predict(src:Annotated[str, dict(nargs='+')], # image files or folders of ima
     src = _sources(src)
     kw = dict(overlays=overlays, planes=planes, submission=Path(out)/'submission.csv', report=_report)
     from nucleus_seg.inference import segment_folder, image_items
-    seg = None if scheduler and scale != 'folder' else _segmenter(model, cpu, tta=tta, tile=tile, bf16=bf16, scale=scale)
+    seg = None if scheduler and scale != 'folder' else _segmenter(model, cpu, tta=tta, tile=tile, bf16=bf16, scale=scale, input_mode=input_mode)
     if scale == 'folder':   # the images listed once, for the measurement and the run; the workers get the factor
         src = image_items(src)
         scale = _measured(seg, scale, src.image).scale
-    if scheduler: df = _predict_dask(src, out, scheduler, model, cpu, tta=tta, tile=tile, bf16=bf16, scale=scale, **kw)
+    if scheduler: df = _predict_dask(src, out, scheduler, model, cpu, tta=tta, tile=tile, bf16=bf16, scale=scale, input_mode=input_mode, **kw)
     else: df = segment_folder(seg, src, out, **kw)
     ok = df[df.status=='ok']
     _say_auto(ok.scale, scale)
@@ -229,12 +235,13 @@ def evaluate(src:Annotated[str, dict(opt=False, nargs='?')]=None, # labelled ima
              cpu:store_true=False, # use the CPU even when a GPU is present
              bf16:bool_arg=None, # predict in bfloat16 (default: on a GPU; faster on CPUs with native bfloat16, such as AMX)
              scale:str=None, # resize images by this factor before the network (0.5: nuclei twice DSB2018's size); 'auto': chosen per image; 'folder': one factor, measured on 16 of the images
+             input_mode:str=None, # the network's view; a grey model also takes red (the red channel of colour images, for pink H&E tissue) or hed (default: the model's)
             ):
     "Dataset DSB score of a model on labelled images, per modality and re-weighted to the test mix, and a per-image table"
     _positive(n_items=n_items, tile=tile)
     import pandas as pd
     from nucleus_seg.inference import evaluate_model, image_items, modality_scores, test_mix
-    seg = _segmenter(model, cpu, tta=tta, tile=tile, bf16=bf16, scale=scale)
+    seg = _segmenter(model, cpu, tta=tta, tile=tile, bf16=bf16, scale=scale, input_mode=input_mode)
     items = image_items(src) if src else _valid_items(model)
     if n_items: items = items.iloc[:n_items]
     seg = _measured(seg, scale, items.image)

@@ -326,6 +326,25 @@ def test_predict_bundled_model_and_skipped_files(sample_images, tmp_path, capsys
     assert not (tmp_path/'out'/'overlays').exists() and len(list((tmp_path/'out'/'labels').iterdir())) == len(list(sample_images.iterdir()))
 
 
+def test_predict_input_mode_red_reaches_the_network(tmp_path, capsys):
+    "`--input-mode red` shows the bundled (grey) model the red channel: pink (eosin) disks vanish, purple ones stay; a colour view is refused."
+    from synthetic import disks
+    lbl = disks((160, 160), [(20+40*(k//4), 20+40*(k%4)) for k in range(16)], [7]*16)
+    img = np.full((160, 160, 3), (235, 225, 235), np.uint8)
+    img[(lbl > 0) & (lbl % 2 == 0)] = (235, 70, 190)   # eosin: dark in green only
+    img[lbl % 2 == 1] = (80, 50, 140)                   # hematoxylin: dark in every channel
+    save_image(img, tmp_path/'he.png')
+    found = {}
+    for mode in ('grey', 'red'):
+        assert main(['predict', str(tmp_path/'he.png'), '--out', str(tmp_path/mode), '--cpu', '--input-mode', mode]) == 0
+        found[mode] = read_label(tmp_path/mode/'labels'/'he.png')
+    hit = lambda pred: {int(k) for k in np.unique(lbl[pred > 0]) if k}   # the true disks a prediction covers
+    assert hit(found['grey']) == set(range(1, 17)) and hit(found['red']) == set(range(1, 17, 2))
+    capsys.readouterr()
+    assert main(['predict', str(tmp_path/'he.png'), '--out', str(tmp_path/'c'), '--cpu', '--input-mode', 'colour']) == 1
+    assert 'only a grey model takes another grey view' in capsys.readouterr().err and not (tmp_path/'c').exists()
+
+
 def test_evaluate_with_solution_matches_labels(cli_model, fake, tmp_path, capsys):
     "`evaluate IMAGES --solution CSV` scores what `evaluate INDEX.csv` (labels beside) scores, image by image."
     model = str(cli_model[0]/'model.safetensors')
