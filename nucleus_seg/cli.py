@@ -30,11 +30,6 @@ def _segmenter(model=None, cpu=False, **kwargs):
     if (s := kwargs.get('scale')) not in (None, 'folder'):
         try: check_scale(s)
         except ValueError: raise CliError(f"--scale must be 'auto', 'folder' or a number from 1/8 to 8, not {s!r}") from None
-    if (m := kwargs.get('input_mode')) is not None:
-        from nucleus_seg.inference import DEFAULT_MODEL, check_input_mode
-        from nucleus_seg.learner import read_model
-        try: check_input_mode(m, read_model(model or DEFAULT_MODEL)[1]['input']['mode'])
-        except ValueError as e: raise CliError(f"--input-mode: {e}") from None
     kwargs = {k:v for k,v in kwargs.items() if v is not None and not (k == 'scale' and v == 'folder')}
     seg = load_segmenter(model, device='cpu' if cpu else None, **kwargs)
     say(f"using the {seg.name} on {seg.device.type}")
