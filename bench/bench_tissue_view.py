@@ -5,8 +5,9 @@
 No training: every histology image of the training set (labelled) is segmented by the bundled model's `Segmenter`
 (flip TTA, the file's thresholds) three times, the image handed over as
 - `mean`: as it is; the grey view averages R, G and B, as in training;
-- `red`: its red channel in all three channels, so the grey view is the red channel. In H&E, eosin (the pink stain of
-  cytoplasm) absorbs green and lets red through, while hematoxylin (nuclei) absorbs red too;
+- `red`: as it is, to a segmenter in the red view (`input_mode='red'`, what `--input-mode red` does): the grey view
+  is the red channel. In H&E, eosin (the pink stain of cytoplasm) absorbs green and lets red through, while
+  hematoxylin (nuclei) absorbs red too;
 - `reinhard`: Reinhard colour transfer (per-channel mean and standard deviation in CIELAB) to the average of the
   purple-stained images the model trained on.
 Images are grouped by stain (`pink`: eosin-dominant, see `pink`) and by whether the model trained on them or kept
@@ -28,11 +29,9 @@ def pink(a:np.ndarray)->bool:
     a = a.astype(np.float32); g = a.mean(-1); dark = g < np.median(g)
     return bool(np.median(a[..., 0]-a[..., 2]) > 0 and np.median((a[..., 0]-a[..., 1])[dark]) > 40)
 
-def red(a:np.ndarray)->np.ndarray: return np.repeat(a[..., :1], 3, -1)
-
-def contrast(a:np.ndarray, lbl:np.ndarray)->float:
-    "Mean of the network's grey view (`normalise_image`) inside the true nuclei minus outside them, in grey levels"
-    v, inside = normalise_image(a)[..., 0].astype(np.float32), lbl > 0
+def contrast(a:np.ndarray, lbl:np.ndarray, mode:str)->float:
+    "Mean of the network's grey view (`normalise_image` in `mode`) inside the true nuclei minus outside them, in grey levels"
+    v, inside = normalise_image(a, mode)[..., 0].astype(np.float32), lbl > 0
     return float(v[inside].mean() - v[~inside].mean())
 
 def lab_stats(a:np.ndarray)->tuple:
@@ -43,14 +42,14 @@ def reinhard(a:np.ndarray, mu, sd)->np.ndarray:
     m, s = lab_stats(a)
     return (np.clip(lab2rgb((rgb2lab(a)-m)/s*sd+mu), 0, 1)*255).round().astype(np.uint8)
 
-def figure(seg, test:pd.DataFrame, fn:Path):
+def figure(segs:dict, test:pd.DataFrame, fn:Path):
     "The test set's pink images: the image, and the bundled model's nuclei in the `mean` and `red` views"
     fig, axs = plt.subplots(len(test), 3, figsize=(15, 4.6*len(test)), squeeze=False)
     for row, r in zip(axs, test.itertuples()):
         a = read_image(r.image)[..., :3]
         row[0].imshow(a); row[0].set_title(f'{r.image_id[:8]} (stage-1 test)')
-        for ax, (v, x) in zip(row[1:], [('mean', a), ('red', red(a))]):
-            lbl = seg.segment(x); ax.imshow(mask_overlay(a, lbl)); ax.set_title(f'{v} view: {lbl.max()} nuclei')
+        for ax, (v, seg) in zip(row[1:], segs.items()):
+            lbl = seg.segment(a); ax.imshow(mask_overlay(a, lbl)); ax.set_title(f'{v} view: {lbl.max()} nuclei')
         for ax in row: ax.axis('off')
     fig.tight_layout(); fig.savefig(fn, dpi=55, pil_kwargs=dict(quality=80)); plt.close(fig)
 
@@ -65,12 +64,13 @@ def main(argv=None):
     tissue['pink'], tissue['valid'] = [pink(x) for x in imgs], tissue.image_id.isin(valid)
     ref = [lab_stats(x) for x, r in zip(imgs, tissue.itertuples()) if not (r.pink or r.valid)]
     mu, sd = np.mean([m for m, _ in ref], 0), np.mean([s for _, s in ref], 0)
-    views = dict(mean=lambda x: x, red=red, reinhard=lambda x: reinhard(x, mu, sd))
+    segs = dict(mean=seg, red=load_segmenter(input_mode='red'))
+    views = dict(mean=(segs['mean'], lambda x: x), red=(segs['red'], lambda x: x), reinhard=(seg, lambda x: reinhard(x, mu, sd)))
     rows = []
     for x, r in zip(imgs, tissue.itertuples()):
         lbl = read_label(r.label)
-        for v, f in views.items():
-            y = f(x); rows.append(dict(image_id=r.image_id, pink=r.pink, valid=r.valid, view=v, dsb=dsb_score(lbl, seg.segment(y)), contrast=contrast(y, lbl)))
+        for v, (s, f) in views.items():
+            y = f(x); rows.append(dict(image_id=r.image_id, pink=r.pink, valid=r.valid, view=v, dsb=dsb_score(lbl, s.segment(y)), contrast=contrast(y, lbl, s.mode)))
     d = pd.DataFrame(rows)
     p = d.pivot_table(index=['image_id', 'pink', 'valid'], columns='view', values='dsb').reset_index()
     c = d.pivot_table(index='image_id', columns='view', values='contrast').add_prefix('contrast_')
@@ -81,8 +81,8 @@ def main(argv=None):
         for v in views: row[v] = round(float(g[v].mean()), 3)
         for v in views: row[f'contrast {v}'] = f"{g['contrast_'+v].min():.0f}-{g['contrast_'+v].max():.0f}"
         for v in ('red', 'reinhard'):
-            d = g[v]-g['mean']
-            row[f'{v} - mean'] = f'{d.mean():+.3f} ± {d.std()/np.sqrt(len(d)) if len(d) > 1 else float("nan"):.3f} ({(d > 0).sum()} up, {(d < 0).sum()} down)'
+            diff = g[v]-g['mean']
+            row[f'{v} - mean'] = f'{diff.mean():+.3f} ± {diff.std()/np.sqrt(len(diff)) if len(diff) > 1 else float("nan"):.3f} ({(diff > 0).sum()} up, {(diff < 0).sum()} down)'
         groups.append(row)
     gdf = pd.DataFrame(groups)
     print(gdf.to_string(index=False)); print(p[p.pink].round(3).to_string(index=False))
@@ -91,7 +91,7 @@ def main(argv=None):
     test = test[[pink(read_image(f)[..., :3]) for f in test.image]].reset_index(drop=True)
     dev = device_tag(seg.device)
     out = Path(__file__).parent/'results'/f'tissue_view_{dev.replace(" ", "_")}'
-    figure(seg, test, out.with_suffix('.jpg'))
+    figure(segs, test, out.with_suffix('.jpg'))
     out.with_suffix('.json').write_text(json.dumps(dict(
         device=dev, torch=torch.__version__, date=time.strftime('%Y-%m-%d %H:%M'), model=seg.name, seconds=round(time.time()-t0),
         reinhard_target=dict(mean=mu.round(2).tolist(), std=sd.round(2).tolist()), test_pink=test.image_id.tolist(),
