@@ -11,7 +11,7 @@ from PIL import Image
 from starlette.testclient import TestClient
 from nucleus_seg.data import prepare_dsb
 from nucleus_seg.io import read_image, nucleus_table
-from nucleus_seg.rle import rle_csv, rle_decode
+from nucleus_seg.rle import rle_csv, rle_decode, label_to_rles
 from nucleus_seg.inference import ClassicalSegmenter
 from nucleus_seg.app import (NucleusApp, UploadError, MAX_PIXELS, decode_upload, segment_upload, app_segmenter, api_app,
                              serve_api)
@@ -188,6 +188,37 @@ def test_api_and_page_take_a_scale_for_segmenters_that_resize(client, few):
     seg.scale = 'auto'; ref = seg.segment(read_image(raw)); seg.scale = 1.0
     assert (res.label == ref).all() and res.scale == seg.last_scale
     assert NucleusApp(ClassicalSegmenter()).scale is None
+
+
+def test_api_and_page_take_a_view_for_grey_models(client, df):
+    "`?input_mode=` and the page's view box give a grey model another grey view for this upload only; a colour view, and the baseline, are refused with a reason."
+    from nucleus_seg.inference import load_segmenter
+    raw = open(df[df.image_id.str.startswith('57bd029b')].image.iloc[0], 'rb').read()  # H&E stained pink
+    seg = load_segmenter(device='cpu', tta=False)
+    red = load_segmenter(device='cpu', tta=False, input_mode='red').segment(read_image(raw))
+    assert (red != seg.segment(read_image(raw))).any()                # the two views segment this image differently
+    post = lambda c, q: c.post(f'/segment{q}', files={'f': ('pink.png', raw)})
+    with TestClient(api_app(seg)) as c:
+        assert c.get('/').json()['input_modes'] == ['grey', 'red', 'hed']
+        r = post(c, '?input_mode=red').json()['results'][0]
+        assert r['input_mode'] == 'red' and r['rle'] == label_to_rles(red)
+        assert post(c, '').json()['results'][0]['input_mode'] == 'grey' and seg.mode == 'grey'
+        bad = post(c, '?input_mode=colour')
+        assert bad.status_code == 400 and 'only a grey model takes another grey view' in bad.json()['error']
+        assert post(c, '?input_mode=lab').json()['error'].startswith('input mode must be one of')
+    r = post(client, '?input_mode=red')
+    assert r.status_code == 400 and r.json()['error'].startswith('input_mode refused: this segmenter has a single view of images (classical baseline')
+    assert client.get('/').json()['input_modes'] == []
+    a = NucleusApp(seg)
+    assert a.view.value == 'grey' and [v for _,v in a.view.options] == ['grey', 'red', 'hed']
+    a.view.value = 'red'
+    res, = a.process([dict(name='pink.png', content=raw)])
+    assert (res.label == red).all() and res.input_mode == 'red' and seg.mode == 'grey'
+    assert 'red view' in a.cards.children[0].children[0].value
+    assert NucleusApp(ClassicalSegmenter()).view is None
+    colour = types.SimpleNamespace(mode='colour', config=dict(input=dict(mode='colour')), scale=1.0, segment=seg.segment)
+    assert NucleusApp(colour).view is None                           # a colour model has one view: no box
+    with pytest.raises(ValueError, match='only a grey model'): segment_upload('pink.png', raw, colour, input_mode='grey')
 
 
 class _Gauge:

@@ -1,7 +1,8 @@
 """The web app as a user meets it: Voila serving `nucleus_app.ipynb` on 127.0.0.1, headless Debian Chromium driven by
 Playwright (`executable_path`, never Playwright's own browser download). Uploads a real DSB2018 image, waits for the
 overlay and the count, saves a screenshot, then uploads a text file and sees the error message, then an image again
-(the app kept serving). `.ci/install_browser.sh` installs chromium, voila and playwright.
+(the app kept serving), and last a pink H&E image in the red view, chosen in the view box. `.ci/install_browser.sh`
+installs chromium, voila and playwright.
 
 Screenshots go to `$NUCLEUS_SEG_ARTIFACTS` if set, else pytest's tmp_path (printed)."""
 import io, os, shutil, zipfile
@@ -23,18 +24,26 @@ from nucleus_seg.app import serve_app, decode_upload, app_segmenter
 ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
         '--disable-background-networking', '--disable-component-update', '--disable-sync']
 IMAGE_ID = '003cee89357d9fe13516167fd67b609a164651b21934585648c740d2c3d86dc1'  # fluorescence, 36 nuclei
+PINK_ID = '57bd029b19c1b382bef9db3ac14f13ea85e36a6053b92e46caedee95c05847ab'   # H&E tissue stained pink
 
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory): return tmp_path_factory.mktemp('app_browser')
 
 
-@pytest.fixture(scope='module')
-def dsb_png(workdir):
-    "The original RGBA PNG of one training image, straight from the zip, as a user would have it."
-    with zipfile.ZipFile(dsb_path()/'stage1_train.zip') as z: b = z.read(f'{IMAGE_ID}/images/{IMAGE_ID}.png')
-    fn = workdir/f'{IMAGE_ID[:12]}.png'; fn.write_bytes(b)
+def training_png(workdir, image_id):
+    "The original PNG of a training image, straight from the zip, as a user would have it."
+    with zipfile.ZipFile(dsb_path()/'stage1_train.zip') as z: b = z.read(f'{image_id}/images/{image_id}.png')
+    fn = workdir/f'{image_id[:12]}.png'; fn.write_bytes(b)
     return fn
+
+
+@pytest.fixture(scope='module')
+def dsb_png(workdir): return training_png(workdir, IMAGE_ID)
+
+
+@pytest.fixture(scope='module')
+def pink_png(workdir): return training_png(workdir, PINK_ID)
 
 
 @pytest.fixture(scope='module')
@@ -103,3 +112,17 @@ def test_text_file_gives_message_and_app_keeps_serving(page, dsb_png, workdir):
     upload(page, dsb_png)  # still serving
     page.locator('.nucleus-count').wait_for(state='visible', timeout=120_000)
     assert page.locator('.upload-error').count() == 0
+
+
+def test_view_box_segments_pink_tissue_in_red(page, pink_png, workdir):
+    from nucleus_seg.inference import load_segmenter
+    expected = load_segmenter(input_mode='red').segment(decode_upload(pink_png.name, pink_png.read_bytes()))
+    n = len(set(expected[expected>0].ravel().tolist()))
+    view = page.locator('.nucleus-view select')
+    view.select_option(label='red (pink H&E)')
+    upload(page, pink_png)
+    card = page.locator('.nucleus-count', has_text=pink_png.name)
+    card.wait_for(state='visible', timeout=120_000)
+    assert f'{n} nuclei' in card.inner_text() and 'red view' in card.inner_text()
+    page.screenshot(path=str(screenshot_dir(workdir)/'app_red_view.png'))
+    view.select_option(label='grey (as trained)')
