@@ -145,15 +145,23 @@ def _failure(name:str, e:Exception)->str:
 
 # %% ../nbs/08_app.ipynb #f2575cf1
 def app_segmenter(model=None, # model file; default `$NUCLEUS_SEG_MODEL`, else the bundled model; 'classical': the baseline
+                  scale=None, # every upload's resize factor or 'auto' (see `upload_settings`); default `$NUCLEUS_SEG_SCALE`, else the model's
+                  input_mode:str=None, # every upload's view (one of `segmenter_views`); default `$NUCLEUS_SEG_INPUT_MODE`, else the model's
                  ):
-    "The segmenter the app uses: the model file named, else the bundled model (or the classical baseline by name)."
+    "The segmenter the app uses: the model file named, else the bundled model (or the classical baseline by name), with its upload settings."
     model = model or os.environ.get('NUCLEUS_SEG_MODEL')
     if model == 'classical':
         from nucleus_seg.inference import ClassicalSegmenter
-        return ClassicalSegmenter()
-    if model and not Path(model).exists(): raise FileNotFoundError(f"model file {model} not found")
-    from nucleus_seg.inference import load_segmenter
-    return load_segmenter(model)
+        seg = ClassicalSegmenter()
+    else:
+        if model and not Path(model).exists(): raise FileNotFoundError(f"model file {model} not found")
+        from nucleus_seg.inference import load_segmenter
+        seg = load_segmenter(model)
+    if scale is None: scale = os.environ.get('NUCLEUS_SEG_SCALE')
+    if input_mode is None: input_mode = os.environ.get('NUCLEUS_SEG_INPUT_MODE')
+    settings = upload_settings(seg, scale, input_mode)
+    for k,v in settings.items(): setattr(seg, k, v)
+    return seg
 
 # %% ../nbs/08_app.ipynb #d10b163f
 def download_link(data, # bytes or str to offer
@@ -316,6 +324,8 @@ def serve_app(model=None, # model file; default `$NUCLEUS_SEG_MODEL`, else the b
               ip:str='127.0.0.1', # address to listen on
               nb=None, # notebook to serve; default the app notebook, written to a temporary folder
               max_pixels:int=None, # largest image accepted, in pixels; default `MAX_PIXELS`
+              scale=None, # every upload's resize factor or 'auto', unless it asks for another (see `app_segmenter`)
+              input_mode:str=None, # every upload's view, unless it asks for another (see `app_segmenter`)
               log=None, # file object for Voila's output; default inherit
              )->subprocess.Popen:
     "Start Voila serving the app; the returned process has `.url` and `.port`."
@@ -323,11 +333,14 @@ def serve_app(model=None, # model file; default `$NUCLEUS_SEG_MODEL`, else the b
     if missing: raise ModuleNotFoundError(f"the web app needs Voila ({', '.join(missing)} missing): pip install 'nucleus-seg[app]', "
                                           "or serve the HTTP endpoint alone with `nucleus-seg app --api`")
     if model and model != 'classical' and not Path(model).exists(): raise FileNotFoundError(f"model file {model} not found")
+    if scale is not None or input_mode is not None: app_segmenter(model, scale, input_mode)  # refused here, not on the page
     port = port or free_port(ip)
     nb = Path(nb) if nb else app_notebook(tempfile.mkdtemp(prefix='nucleus_app_'))
     env = dict(os.environ, MPLBACKEND='Agg')
     if model: env['NUCLEUS_SEG_MODEL'] = model if model == 'classical' else str(Path(model).resolve())
     if max_pixels: env['NUCLEUS_SEG_MAX_PIXELS'] = str(int(max_pixels))
+    if scale is not None: env['NUCLEUS_SEG_SCALE'] = str(scale)
+    if input_mode is not None: env['NUCLEUS_SEG_INPUT_MODE'] = input_mode
     cmd = [sys.executable, '-m', 'voila', nb.name, f'--port={port}', f'--Voila.ip={ip}', '--no-browser']
     proc = subprocess.Popen(cmd, cwd=nb.parent, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
     proc.url,proc.port = f'http://{ip}:{port}/',port
@@ -411,7 +424,7 @@ def api_app(segmenter=None, # object with `segment(img) -> label`; default `app_
                                       '(PNG, JPEG or TIFF); ?label=1 adds each label image as a base64 16-bit PNG; '
                                       "?scale=0.5 (or 2, or auto) resizes the images before the network; "
                                       "?input_mode=red shows the network another view (one of input_modes)",
-                input_modes=list(segmenter_views(segmenter)))
+                input_modes=list(segmenter_views(segmenter)), scale=getattr(segmenter, 'scale', None), input_mode=getattr(segmenter, 'mode', None))
 
     async def one(f, label, settings):
         async with slots:  # only here are a file's bytes in memory
@@ -443,11 +456,13 @@ def run_api(model=None, # model file; default `$NUCLEUS_SEG_MODEL`, else the bun
             ip:str='127.0.0.1', # address to listen on
             max_pixels:int=None, # largest image accepted, in pixels; default `MAX_PIXELS`
             workers:int=1, # uploads in memory at once (see `api_app`)
+            scale=None, # every upload's resize factor or 'auto', unless it asks for another (see `app_segmenter`)
+            input_mode:str=None, # every upload's view, unless it asks for another (see `app_segmenter`)
            ):
     "Serve `api_app` with uvicorn in this process until interrupted."
     import uvicorn
     port = port or free_port(ip)
-    api = api_app(app_segmenter(model), max_pixels=max_pixels or MAX_PIXELS, workers=workers)
+    api = api_app(app_segmenter(model, scale, input_mode), max_pixels=max_pixels or MAX_PIXELS, workers=workers)
     print(f'nucleus-seg app --api: POST images to http://{ip}:{port}/segment (Ctrl+C to stop)', flush=True)
     uvicorn.run(api, host=ip, port=port, log_level='warning', timeout_graceful_shutdown=5)
 
@@ -456,12 +471,14 @@ def serve_api(model=None, # model file; default `$NUCLEUS_SEG_MODEL`, else the b
               ip:str='127.0.0.1', # address to listen on
               max_pixels:int=None, # largest image accepted, in pixels; default `MAX_PIXELS`
               workers:int=1, # uploads in memory at once (see `api_app`)
+              scale=None, # every upload's resize factor or 'auto', unless it asks for another (see `app_segmenter`)
+              input_mode:str=None, # every upload's view, unless it asks for another (see `app_segmenter`)
               log=None, # file object for the server's output; default inherit
              )->subprocess.Popen:
     "Start the HTTP endpoint (`run_api`) in a subprocess; the returned process has `.url` and `.port`."
     if model and model != 'classical' and not Path(model).exists(): raise FileNotFoundError(f"model file {model} not found")
     port = port or free_port(ip)
-    args = dict(model=model, port=port, ip=ip, max_pixels=max_pixels, workers=workers)
+    args = dict(model=model, port=port, ip=ip, max_pixels=max_pixels, workers=workers, scale=scale, input_mode=input_mode)
     cmd = [sys.executable, '-c', f'from nucleus_seg.app import run_api; run_api(**{args!r})']
     proc = subprocess.Popen(cmd, env=dict(os.environ, MPLBACKEND='Agg'), stdout=log, stderr=subprocess.STDOUT if log else None)
     proc.url,proc.port = f'http://{ip}:{port}/',port
@@ -474,10 +491,12 @@ def app(model:str=None, # model file; default `$NUCLEUS_SEG_MODEL`, else the bun
         max_pixels:int=None, # largest image accepted, in pixels
         api:store_true=False, # serve the HTTP endpoint for scripts (`POST /segment`, JSON) instead of the page
         workers:int=1, # with --api: uploads in memory at once
+        scale:str=None, # every upload's resize factor unless it asks for another (0.5: nuclei twice DSB2018's size; 'auto': chosen per image)
+        input_mode:str=None, # every upload's view unless it asks for another (red: H&E stained pink; a grey model's other grey views)
        ):
     "Serve the nucleus segmentation web app with Voila until interrupted, or its HTTP endpoint with `api` (`nucleus-seg app`)."
-    if api: return run_api(model, port, ip, max_pixels, workers)
-    proc = serve_app(model, port, ip, max_pixels=max_pixels)
+    if api: return run_api(model, port, ip, max_pixels, workers, scale, input_mode)
+    proc = serve_app(model, port, ip, max_pixels=max_pixels, scale=scale, input_mode=input_mode)
     if threading.current_thread() is threading.main_thread():  # `kill` stops Voila too, like Ctrl+C
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:

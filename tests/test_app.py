@@ -221,6 +221,35 @@ def test_api_and_page_take_a_view_for_grey_models(client, df):
     with pytest.raises(ValueError, match='only a grey model'): segment_upload('pink.png', raw, colour, input_mode='grey')
 
 
+
+def test_page_and_endpoint_start_at_the_settings_the_server_was_given(df, monkeypatch):
+    "`nucleus-seg app --scale --input-mode` (`app_segmenter`, via the environment for the page's kernel) set what every upload gets unless it asks for another."
+    import nucleus_seg.app as A
+    from nucleus_seg.inference import load_segmenter
+    raw = open(df[df.image_id.str.startswith('57bd029b')].image.iloc[0], 'rb').read()  # H&E stained pink
+    red = load_segmenter(input_mode='red', scale=0.5).segment(read_image(raw))
+    monkeypatch.setenv('NUCLEUS_SEG_INPUT_MODE', 'red'); monkeypatch.setenv('NUCLEUS_SEG_SCALE', '0.5')
+    a = NucleusApp()                                                  # what the page's kernel runs
+    assert (a.view.value, a.scale.value) == ('red', '0.5')
+    res, = a.process([dict(name='pink.png', content=raw)])
+    assert (res.input_mode, res.scale) == ('red', 0.5) and (res.label == red).all()
+    post = lambda c, q: c.post(f'/segment{q}', files={'f': ('pink.png', raw)}).json()['results'][0]
+    with TestClient(api_app(app_segmenter(scale=0.5))) as c:        # an argument, as `run_api` passes it, and the environment
+        assert {k: c.get('/').json()[k] for k in ('scale', 'input_mode')} == dict(scale=0.5, input_mode='red')
+        r = post(c, '')
+        assert (r['input_mode'], r['scale']) == ('red', 0.5) and r['rle'] == label_to_rles(red)
+        assert (post(c, '?input_mode=grey')['input_mode'], post(c, '?scale=1')['scale']) == ('grey', 1.0)
+    monkeypatch.delenv('NUCLEUS_SEG_INPUT_MODE'); monkeypatch.delenv('NUCLEUS_SEG_SCALE')
+    assert app_segmenter().mode == 'grey' and app_segmenter().scale == 1.0
+    started = []
+    monkeypatch.setattr(A.subprocess, 'Popen', lambda cmd, env, **kw: started.append(env) or types.SimpleNamespace())
+    A.serve_app(port=1, input_mode='red', scale='auto')
+    assert {k: started[0].get(k) for k in ('NUCLEUS_SEG_INPUT_MODE', 'NUCLEUS_SEG_SCALE')} == dict(NUCLEUS_SEG_INPUT_MODE='red', NUCLEUS_SEG_SCALE='auto')
+    for bad, msg in (dict(input_mode='colour'), 'only a grey model'), (dict(scale='0'), 'scale must be'), (dict(model='classical', scale=2), 'scale refused'):
+        with pytest.raises(ValueError, match=msg): A.serve_app(port=1, **bad)
+    assert len(started) == 1                                          # a refused setting starts nothing
+
+
 class _Gauge:
     "Counts calls in progress and the most seen at once."
     def __init__(self): self.now,self.most,self.lock = 0,0,threading.Lock()

@@ -97,6 +97,16 @@ def test_app_without_voila_says_what_to_install(monkeypatch, capsys):
     assert "pip install 'nucleus-seg[app]'" in err and '--api' in err, err
 
 
+
+@pytest.mark.parametrize('args,msg', [(['--api', '--input-mode', 'colour'], "only a grey model takes another grey view"),
+                                      (['--scale', 'huge'], "scale must be 'auto' or a number")])
+def test_app_refuses_a_bad_setting_before_serving(args, msg, capsys):
+    "`nucleus-seg app --scale/--input-mode` check the setting as an upload's is, and say why in one line before anything serves."
+    assert main(['app', '--port', '0', *args]) == 1
+    err = one_line_error(capsys.readouterr().err)
+    assert msg in err, err
+
+
 # ---------- one-line errors ----------
 @pytest.mark.parametrize('args,code,msg', [
     (['frobnicate'], 2, "unknown command 'frobnicate'"),
