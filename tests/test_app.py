@@ -221,7 +221,6 @@ def test_api_and_page_take_a_view_for_grey_models(client, df):
     with pytest.raises(ValueError, match='only a grey model'): segment_upload('pink.png', raw, colour, input_mode='grey')
 
 
-
 def test_page_and_endpoint_start_at_the_settings_the_server_was_given(df, monkeypatch):
     "`nucleus-seg app --scale --input-mode` (`app_segmenter`, via the environment for the page's kernel) set what every upload gets unless it asks for another."
     import nucleus_seg.app as A

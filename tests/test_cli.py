@@ -97,7 +97,6 @@ def test_app_without_voila_says_what_to_install(monkeypatch, capsys):
     assert "pip install 'nucleus-seg[app]'" in err and '--api' in err, err
 
 
-
 @pytest.mark.parametrize('args,msg', [(['--api', '--input-mode', 'colour'], "only a grey model takes another grey view"),
                                       (['--scale', 'huge'], "scale must be 'auto' or a number")])
 def test_app_refuses_a_bad_setting_before_serving(args, msg, capsys):
