@@ -10,7 +10,7 @@ No training: every histology image of the training set (labelled) is segmented b
   hematoxylin (nuclei) absorbs red too;
 - `reinhard`: Reinhard colour transfer (per-channel mean and standard deviation in CIELAB) to the average of the
   purple-stained images the model trained on.
-Images are grouped by stain (`pink`: eosin-dominant, see `pink`) and by whether the model trained on them or kept
+Images are grouped by stain (`pink`: eosin-dominant, `nucleus_seg.io.is_pink`, which the `auto` view uses) and by whether the model trained on them or kept
 them for validation. `contrast`: the range over a group's images of the mean grey level inside the true nuclei
 minus outside them, in the view the network gets (`normalise_image`). The figure shows the stage-1 test set's pink images (no labels) in the `mean` and `red` views."""
 import argparse, json, time
@@ -18,16 +18,11 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
 from skimage.color import rgb2lab, lab2rgb
 from nucleus_seg.data import prepare_dsb
-from nucleus_seg.io import read_image, read_label, normalise_image
+from nucleus_seg.io import read_image, read_label, normalise_image, is_pink
 from nucleus_seg.metrics import dsb_score
 from nucleus_seg.inference import load_segmenter
 from nucleus_seg.viewers import mask_overlay
 from bench_speed import device_tag, md_table
-
-def pink(a:np.ndarray)->bool:
-    "Whether RGB tissue image `a` is eosin-dominant: red above blue overall, and green absorbed (R-G > 40) where stained"
-    a = a.astype(np.float32); g = a.mean(-1); dark = g < np.median(g)
-    return bool(np.median(a[..., 0]-a[..., 2]) > 0 and np.median((a[..., 0]-a[..., 1])[dark]) > 40)
 
 def contrast(a:np.ndarray, lbl:np.ndarray, mode:str)->float:
     "Mean of the network's grey view (`normalise_image` in `mode`) inside the true nuclei minus outside them, in grey levels"
@@ -61,7 +56,7 @@ def main(argv=None):
     items, valid = prepare_dsb(progress=False), set(seg.config['valid_ids'])
     tissue = items[items.modality == 'histology'].iloc[:a.n].reset_index(drop=True)
     imgs = [read_image(f)[..., :3] for f in tissue.image]
-    tissue['pink'], tissue['valid'] = [pink(x) for x in imgs], tissue.image_id.isin(valid)
+    tissue['pink'], tissue['valid'] = [is_pink(x) for x in imgs], tissue.image_id.isin(valid)
     ref = [lab_stats(x) for x, r in zip(imgs, tissue.itertuples()) if not (r.pink or r.valid)]
     mu, sd = np.mean([m for m, _ in ref], 0), np.mean([s for _, s in ref], 0)
     segs = dict(mean=seg, red=load_segmenter(input_mode='red'))
@@ -88,7 +83,7 @@ def main(argv=None):
     print(gdf.to_string(index=False)); print(p[p.pink].round(3).to_string(index=False))
     if a.n is not None: return
     test = prepare_dsb(split='test', progress=False)
-    test = test[[pink(read_image(f)[..., :3]) for f in test.image]].reset_index(drop=True)
+    test = test[[is_pink(f) for f in test.image]].reset_index(drop=True)
     dev = device_tag(seg.device)
     out = Path(__file__).parent/'results'/f'tissue_view_{dev.replace(" ", "_")}'
     figure(segs, test, out.with_suffix('.jpg'))

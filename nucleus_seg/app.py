@@ -20,7 +20,7 @@ import ipywidgets as W
 from PIL import Image
 from fastcore.basics import store_attr, patch
 from fastcore.script import store_true
-from .io import read_image, DSBDataError, nucleus_table, label_png
+from .io import read_image, DSBDataError, nucleus_table, label_png, input_stats
 from .rle import rle_csv, label_to_rles
 from .viewers import mask_overlay, png_bytes
 
@@ -111,9 +111,14 @@ class SegmentationResult:
     def label_png(self)->bytes: return label_png(self.label)
     @property
     def resized(self)->bool: return self.scale is not None and self.scale != 1
+    @property
+    def view(self)->str:
+        "The view named on the card: `input_mode`, and for 'auto' the one it chose (red for pink tissue, else grey)"
+        if self.input_mode != 'auto': return self.input_mode
+        return f"auto: {input_stats(self.img, 'auto')['channel']}"
     def __repr__(self):
         at = f', segmented at {self.scale:.2f}×' if self.resized else ''
-        view = f', {self.input_mode} view' if self.input_mode else ''
+        view = f', {self.view} view' if self.input_mode else ''
         return f'{self.name}: {self.count} nuclei in {self.img.shape[1]}×{self.img.shape[0]} pixels ({self.seconds:.2f} s{at}{view})'
 
 def _segment(segmenter, img:np.ndarray, settings:dict)->tuple:
@@ -186,9 +191,9 @@ SCALE_HELP = ("Resize images before the network: 1 for nuclei of DSB2018's sizes
               "0.5 for nuclei twice as large, 2 for nuclei half as large, auto to choose per image")
 
 VIEW_HELP = ("The network's view of colour images (grey images look the same in every view): the one the model was "
-             "trained on, red for H&E tissue stained pink rather than purple (eosin stays pale in the red channel), "
-             "hed for the hematoxylin stain alone")
-VIEW_NAMES = dict(red='red (pink H&E)', hed='hed (hematoxylin)')  # how the view box names the views
+             "trained on, auto for red on pink tissue and grey on the rest, red for H&E tissue stained pink rather than "
+             "purple (eosin stays pale in the red channel), hed for the hematoxylin stain alone")
+VIEW_NAMES = dict(auto='auto (red if pink)', red='red (pink H&E)', hed='hed (hematoxylin)')  # how the view box names the views
 
 def _scale_text(scale)->str: return scale if isinstance(scale, str) else f'{scale:g}'
 
@@ -234,7 +239,7 @@ def result_card(self:NucleusApp, r:SegmentationResult)->W.Widget:
     head = W.HTML(f'<h3>{escape(r.name)}</h3><p class="nucleus-count-text"><b>{r.count} nuclei</b> '
                   f'&middot; {w}&times;{h} pixels &middot; {r.seconds:.2f} s'
                   + (f' &middot; segmented at {r.scale:.2f}&times;' if r.resized else '')
-                  + (f' &middot; {r.input_mode} view' if r.input_mode else '') + '</p>').add_class('nucleus-count')
+                  + (f' &middot; {r.view} view' if r.input_mode else '') + '</p>').add_class('nucleus-count')
     size = W.Layout(width=f'{min(max(w, 512), 1000)}px', max_width='100%', height='auto')  # small images shown enlarged
     overlay = W.Image(value=png_bytes(r.overlay), format='png', layout=size).add_class('nucleus-overlay')
     links = ' '.join([download_link(r.label_png, f'{r.image_id}_label.png', 'image/png', 'label image (16-bit PNG)'),

@@ -90,7 +90,7 @@ def train(out:str='nucleus_run', # run folder: model.safetensors, checkpoints in
           crop:int=128, # training crop size
           valid_crop:int=None, # validation crop size, whose score picks the best epoch (default: --crop)
           n_items:int=None, # use only this many images (tiny runs)
-          input_mode:str=None, # network input: grey, red (the red channel of colour images), hed (their hematoxylin), colour (kept in colour), or rgb (default: grey, or --init's)
+          input_mode:str=None, # network input: grey, auto (red for pink H&E tissue), red (the red channel of colour images), hed (their hematoxylin), colour (kept in colour), or rgb (default: grey, or --init's)
           zoom:str='none', # random rescaling range such as 0.5,1.5, or none
           scratch:store_true=False, # train a resnet from scratch, without ImageNet weights
           weights_url:str=None, # ImageNet weights URL (default: $NUCLEUS_SEG_WEIGHTS_URL or torchvision's)
@@ -197,7 +197,7 @@ def predict(src:Annotated[str, dict(nargs='+')], # image files or folders of ima
             cpu:store_true=False, # use the CPU even when a GPU is present
             bf16:bool_arg=None, # predict in bfloat16 (default: on a GPU; faster on CPUs with native bfloat16, such as AMX)
             scale:str=None, # resize images by this factor before the network (0.5: nuclei twice DSB2018's size); 'auto': chosen per image; 'folder': one factor, measured on 16 of the images
-            input_mode:str=None, # the network's view; a grey model also takes red (the red channel of colour images, for pink H&E tissue) or hed (default: the model's)
+            input_mode:str=None, # the network's view; a grey model also takes auto (red for pink H&E tissue, grey otherwise), red (the red channel of colour images) or hed (default: the model's)
             scheduler:str=None, # spread the files over a Dask cluster: 'local' (one worker per core) or a scheduler address; files already done are skipped
            ):
     "Segment images: label images, overlays, nucleus tables and an RLE CSV in OUT"
@@ -230,7 +230,7 @@ def evaluate(src:Annotated[str, dict(opt=False, nargs='?')]=None, # labelled ima
              cpu:store_true=False, # use the CPU even when a GPU is present
              bf16:bool_arg=None, # predict in bfloat16 (default: on a GPU; faster on CPUs with native bfloat16, such as AMX)
              scale:str=None, # resize images by this factor before the network (0.5: nuclei twice DSB2018's size); 'auto': chosen per image; 'folder': one factor, measured on 16 of the images
-             input_mode:str=None, # the network's view; a grey model also takes red (the red channel of colour images, for pink H&E tissue) or hed (default: the model's)
+             input_mode:str=None, # the network's view; a grey model also takes auto (red for pink H&E tissue, grey otherwise), red (the red channel of colour images) or hed (default: the model's)
             ):
     "Dataset DSB score of a model on labelled images, per modality and re-weighted to the test mix, and a per-image table"
     _positive(n_items=n_items, tile=tile)
@@ -260,6 +260,7 @@ def submit(model:str=None, # model file (default: the bundled model)
            cpu:store_true=False, # use the CPU even when a GPU is present
            bf16:bool_arg=None, # predict in bfloat16 (default: on a GPU; faster on CPUs with native bfloat16, such as AMX)
            scale:str=None, # resize images by this factor before the network (0.5: nuclei twice DSB2018's size); 'auto': chosen per image; 'folder': one factor, measured on 16 of the images
+           input_mode:str=None, # the network's view; a grey model also takes auto (red for pink H&E tissue, grey otherwise), red (the red channel of colour images) or hed (default: the model's)
           ):
     "Write and validate the Kaggle submission CSV for the stage-1 test images"
     _positive(n_items=n_items)
@@ -267,7 +268,7 @@ def submit(model:str=None, # model file (default: the bundled model)
     from nucleus_seg.data import prepare_dsb
     from nucleus_seg.inference import segment_folder
     from nucleus_seg.rle import validate_submission
-    seg = _segmenter(model, cpu, tta=tta, bf16=bf16, scale=scale)
+    seg = _segmenter(model, cpu, tta=tta, bf16=bf16, scale=scale, input_mode=input_mode)
     items = prepare_dsb(data, split='test', cache=cache)
     if n_items: items = items.iloc[:n_items]
     seg = _measured(seg, scale, items.image)

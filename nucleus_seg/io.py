@@ -7,8 +7,8 @@ Docs: https://nucleus-seg.github.io/nucleus_seg/io.html.md"""
 # %% auto #0
 __all__ = ['PLANE_MODES', 'INPUT_MODES', 'COLOUR_MODES', 'MODALITIES', 'IMAGE_EXTS', 'DSBDataError', 'to_uint8', 'to_rgb',
            'read_bytes', 'PlanesWarning', 'read_planes', 'read_image', 'read_mask', 'read_label', 'atomic_write',
-           'label_png', 'save_label', 'save_image', 'hematoxylin', 'input_stats', 'normalise_image', 'zoom_image',
-           'image_modality', 'nucleus_table', 'label_folder', 'labelled_pairs', 'interactive', 'progress']
+           'label_png', 'save_label', 'save_image', 'hematoxylin', 'input_stats', 'normalise_image', 'is_pink',
+           'zoom_image', 'image_modality', 'nucleus_table', 'label_folder', 'labelled_pairs', 'interactive', 'progress']
 
 # %% ../nbs/00_io.ipynb #4df889de
 import io, os, sys, time, uuid, warnings
@@ -196,7 +196,7 @@ def save_image(img, # uint8 image, H×W or H×W×3
     return atomic_write(fn, lambda t: im.save(t, format='PNG', compress_level=3))
 
 # %% ../nbs/00_io.ipynb #178e3739
-INPUT_MODES = ('grey', 'red', 'hed', 'colour', 'rgb')
+INPUT_MODES = ('grey', 'auto', 'red', 'hed', 'colour', 'rgb')
 COLOUR_MODES = ('colour', 'rgb')  # input modes whose views keep colour; the others are grey, three equal channels
 
 def _as_rgb8(img)->np.ndarray:
@@ -242,7 +242,8 @@ def input_stats(img, # image (anything `read_image` reads)
     if mode == 'rgb': return dict(mode=mode)
     step = max(1, int(np.ceil(np.sqrt(a.shape[0]*a.shape[1]/max_samples))))
     sub = a[::step, ::step]
-    channel = {'hed': 'hematoxylin', 'colour': 'rgb', 'red': 'red'}.get(mode, 'grey') if _is_colour(sub) else 'grey'
+    view = ('red' if is_pink(sub) else 'grey') if mode == 'auto' else mode
+    channel = {'hed': 'hematoxylin', 'colour': 'rgb', 'red': 'red'}.get(view, 'grey') if _is_colour(sub) else 'grey'
     g = _channel(sub, 'hematoxylin' if channel == 'hematoxylin' else 'grey')  # whether to invert: judged on the mean
     invert = channel != 'hematoxylin' and (_bright_background(g) or _transmitted(sub, g))
     v = _channel(sub, channel) if channel in ('rgb', 'red') else g  # the colour view stretches all three channels alike
@@ -263,6 +264,19 @@ def normalise_image(img, # image (anything `read_image` reads), or a window of o
     if st['invert']: g = 255 - g
     out = (np.clip((g-st['lo'])/max(st['hi']-st['lo'], 1e-6), 0, 1)*255).round().astype(np.uint8)
     return out if ch == 'rgb' else out[..., None].repeat(3, -1)
+
+# %% ../nbs/00_io.ipynb #b81d4e26
+def _stain_medians(a:np.ndarray)->tuple:
+    "Median R-B of uint8 RGB `a`, and median R-G over its darker half (below the grey median; all of it when none is)"
+    a = a.astype(np.float32); g = a.mean(-1); dark = g < np.median(g)
+    rg = a[..., 0]-a[..., 1]
+    return float(np.median(a[..., 0]-a[..., 2])), float(np.median(rg[dark] if dark.any() else rg))
+
+def is_pink(img, # image (anything `read_image` reads)
+           )->bool:
+    "Whether `img` is H&E tissue stained pink: redder than blue, and absorbing green where stained (see `_stain_medians`)"
+    rb, rg = _stain_medians(_as_rgb8(img))
+    return rb > 0 and rg > 40
 
 # %% ../nbs/00_io.ipynb #21a2ad19
 def zoom_image(img, # image (anything `read_image` reads)

@@ -199,9 +199,10 @@ def test_api_and_page_take_a_view_for_grey_models(client, df):
     assert (red != seg.segment(read_image(raw))).any()                # the two views segment this image differently
     post = lambda c, q: c.post(f'/segment{q}', files={'f': ('pink.png', raw)})
     with TestClient(api_app(seg)) as c:
-        assert c.get('/').json()['input_modes'] == ['grey', 'red', 'hed']
+        assert c.get('/').json()['input_modes'] == ['grey', 'auto', 'red', 'hed']
         r = post(c, '?input_mode=red').json()['results'][0]
         assert r['input_mode'] == 'red' and r['rle'] == label_to_rles(red)
+        assert post(c, '?input_mode=auto').json()['results'][0]['rle'] == r['rle']   # 'auto' gives pink tissue the red view
         assert post(c, '').json()['results'][0]['input_mode'] == 'grey' and seg.mode == 'grey'
         bad = post(c, '?input_mode=colour')
         assert bad.status_code == 400 and 'only a grey model takes another grey view' in bad.json()['error']
@@ -210,7 +211,7 @@ def test_api_and_page_take_a_view_for_grey_models(client, df):
     assert r.status_code == 400 and r.json()['error'].startswith('input_mode refused: this segmenter has a single view of images (classical baseline')
     assert client.get('/').json()['input_modes'] == []
     a = NucleusApp(seg)
-    assert a.view.value == 'grey' and [v for _,v in a.view.options] == ['grey', 'red', 'hed']
+    assert a.view.value == 'grey' and [v for _,v in a.view.options] == ['grey', 'auto', 'red', 'hed']
     a.view.value = 'red'
     res, = a.process([dict(name='pink.png', content=raw)])
     assert (res.label == red).all() and res.input_mode == 'red' and seg.mode == 'grey'

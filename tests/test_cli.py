@@ -79,8 +79,8 @@ def test_subcommand_help(cmd, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f'usage: nucleus-seg {cmd}')
     need = dict(train=['--n-items', '--crop', '--epochs', '--arch', '--resume', '--tensorboard', '--scratch', '--tune', '--input-mode'],
-                predict=['--model', '--tta', '--tile', '--planes', '--cpu'], evaluate=['--solution', '--model', '--tta', '--tile'],
-                prepare=['--force', '--download'])
+                predict=['--model', '--tta', '--tile', '--planes', '--cpu', '--input-mode'], evaluate=['--solution', '--model', '--tta', '--tile', '--input-mode'],
+                submit=['--model', '--tta', '--input-mode'], prepare=['--force', '--download'])
     for o in need.get(cmd, []): assert o in out, o
 
 
@@ -382,6 +382,8 @@ def test_submit(cli_model, fake, fake_env, tmp_path, capsys):
     assert main(['submit', '--model', model, '--out', str(tmp_path/'sub.csv'), '--n-items', '2', '--cpu']) == 0
     assert f"{tmp_path/'sub.csv'}: 2 images" in capsys.readouterr().out
     assert validate_submission(tmp_path/'sub.csv', fake.test.iloc[:2])['n_images'] == 2   # the validator, not just the CLI's word
+    assert main(['submit', '--model', model, '--out', str(tmp_path/'c.csv'), '--n-items', '2', '--cpu', '--input-mode', 'colour']) == 1
+    assert 'only a grey model takes another grey view' in capsys.readouterr().err and not (tmp_path/'c.csv').exists()
 
 
 # ---------- end to end, real data ----------

@@ -187,6 +187,30 @@ def test_input_mode_red():
     np.testing.assert_array_equal(normalise_image(grey, 'red'), normalise_image(grey))
 
 
+
+def stained(lbl, nucleus, cytoplasm, seed=0):
+    "Tissue of two colours: `nucleus` RGB inside `lbl`'s nuclei, `cytoplasm` elsewhere, with noise."
+    a = np.where((lbl > 0)[..., None], np.array(nucleus, np.float32), np.array(cytoplasm, np.float32))
+    return np.clip(a + np.random.default_rng(seed).normal(0, 6, a.shape), 0, 255).astype(np.uint8)
+
+
+def test_input_mode_auto_gives_pink_tissue_the_red_view():
+    "'auto': the red view for tissue stained pink (redder than blue, green absorbed where stained), the grey view otherwise."
+    lbl = grid_label()
+    pink = stained(lbl, (120, 60, 150), (235, 140, 190))     # purple nuclei in eosin-pink cytoplasm
+    purple = stained(lbl, (90, 60, 150), (200, 170, 220))    # purple nuclei in pale lilac cytoplasm: bluer than red
+    pale = stained(lbl, (200, 195, 190), (225, 220, 215))    # brightfield in faint colour: green barely absorbed
+    assert [is_pink(a) for a in (pink, purple, pale)] == [True, False, False]
+    assert input_stats(pink, 'auto')['channel'] == 'red' and input_stats(purple, 'auto')['channel'] == 'grey'
+    np.testing.assert_array_equal(normalise_image(pink, 'auto'), normalise_image(pink, 'red'))
+    assert (normalise_image(pink, 'red') != normalise_image(pink)).any()   # the two views differ on it
+    for a in (purple, pale, fake_image(lbl, 'fluorescence', seed=3)):
+        np.testing.assert_array_equal(normalise_image(a, 'auto'), normalise_image(a))
+    assert not is_pink(np.repeat(pink.mean(-1, keepdims=True), 3, -1).astype(np.uint8))   # the same pixels in grey
+    sparse = np.zeros((64, 64, 3), np.uint8); sparse[:8, :8] = (235, 140, 190)   # mostly black: no pixel below the median
+    with warnings.catch_warnings():
+        warnings.simplefilter('error'); assert not is_pink(sparse)
+
 def test_window_normalised_with_whole_image_stats():
     "A window prepared with the whole image's statistics is the window of the prepared whole image (tiles rely on it)."
     img = (fake_image(grid_label((96, 128)), seed=4)*np.linspace(0.5, 1, 128)[None, :, None]).astype(np.uint8)
