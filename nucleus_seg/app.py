@@ -206,7 +206,7 @@ class NucleusApp:
         self.max_pixels,self.error = max_pixels,None
         if segmenter is None:
             try: segmenter = app_segmenter()
-            except Exception as e: self.error = f'could not load the model: {type(e).__name__}: {e}'
+            except Exception as e: self.error = f'could not start the segmenter: {type(e).__name__}: {e}'  # model file or setting
         self.segmenter,self.results = segmenter,[]
         self.upload = W.FileUpload(accept='image/*,.tif,.tiff', multiple=True, description='Upload images',
                                    disabled=segmenter is None, layout=W.Layout(width='16em'))

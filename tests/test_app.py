@@ -93,8 +93,12 @@ def test_app_survives_failing_model_and_missing_model(few, monkeypatch):
     assert 'segmentation failed (MemoryError' in a.cards.children[0].value
     monkeypatch.setenv('NUCLEUS_SEG_MODEL', '/no/such/model.safetensors')
     b = NucleusApp()
-    assert b.segmenter is None and b.upload.disabled and 'could not load the model' in b.widget.children[0].value
+    assert b.segmenter is None and b.upload.disabled and 'could not start the segmenter: FileNotFoundError' in b.widget.children[0].value
     monkeypatch.delenv('NUCLEUS_SEG_MODEL')
+    monkeypatch.setenv('NUCLEUS_SEG_SCALE', '0')                     # a setting set by hand, with Voila started without `nucleus-seg app`
+    c = NucleusApp()
+    assert c.segmenter is None and c.upload.disabled and 'could not start the segmenter: ValueError: scale must be' in c.widget.children[0].value
+    monkeypatch.delenv('NUCLEUS_SEG_SCALE')
     assert 'Segmenter: bundled model' in NucleusApp().widget.children[0].value
 
 
