@@ -187,7 +187,6 @@ def test_input_mode_red():
     np.testing.assert_array_equal(normalise_image(grey, 'red'), normalise_image(grey))
 
 
-
 def stained(lbl, nucleus, cytoplasm, seed=0):
     "Tissue of two colours: `nucleus` RGB inside `lbl`'s nuclei, `cytoplasm` elsewhere, with noise."
     a = np.where((lbl > 0)[..., None], np.array(nucleus, np.float32), np.array(cytoplasm, np.float32))
@@ -210,6 +209,7 @@ def test_input_mode_auto_gives_pink_tissue_the_red_view():
     sparse = np.zeros((64, 64, 3), np.uint8); sparse[:8, :8] = (235, 140, 190)   # mostly black: no pixel below the median
     with warnings.catch_warnings():
         warnings.simplefilter('error'); assert not is_pink(sparse)
+
 
 def test_window_normalised_with_whole_image_stats():
     "A window prepared with the whole image's statistics is the window of the prepared whole image (tiles rely on it)."
