@@ -57,8 +57,8 @@ MUTATIONS = {
         'cbs=fit_cbs, start_epoch=0)',
         ['test_learner.py'], 'a resumed run trains every epoch again from the start of the schedule'),
     'tiles-normalised-alone': ('inference.py',
-        'p = self._probs(self.prepare(a[i:i+self.tile, j:j+self.tile], st)[None])[0]',
-        'p = self._probs(self.prepare(a[i:i+self.tile, j:j+self.tile])[None])[0]',
+        'p = self._probs(self.prepare(a[i:i+th, j:j+tw], st)[None])[0]',
+        'p = self._probs(self.prepare(a[i:i+th, j:j+tw])[None])[0]',
         ['test_inference.py'], "each tile normalised with its own statistics instead of the whole image's"),
 }
 

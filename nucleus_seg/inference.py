@@ -23,7 +23,7 @@ from .data import merge_masks, prepare_dsb
 from .instances import probs_to_instances, outline_overlay, instance_pool, nucleus_diameter, resize_labels, DEFAULT_POST
 from .metrics import image_report, dsb_score, settings_scores
 from .rle import write_submission, read_solution
-from .learner import load_model, update_model, compile_unet, cpu_workers
+from .learner import load_model, update_model, compile_unet, cpu_workers, keep_freed_memory
 
 # %% ../nbs/06_inference.ipynb #e8f7bf9c
 DEFAULT_MODEL = Path(nucleus_seg.__file__).parent/'models'/'default.safetensors'
@@ -81,6 +81,7 @@ class Segmenter:
         self.post = {**config.get('postprocess', {}), **post}
         self.device = torch.device(ifnone(device, 'cuda' if torch.cuda.is_available() else 'cpu'))
         self.cuda = self.device.type=='cuda'
+        if self.device.type=='cpu': keep_freed_memory()  # large blocks kept for reuse: 1.6-2 times the speed (05_learner)
         self.bf16 = ifnone(bf16, self.cuda)
         self.batch_px = batch_px or (2**24 if self.cuda else 2**20)
         self.bs = ifnone(bs, 16 if self.cuda else 4)
@@ -149,10 +150,14 @@ def _probs(self:Segmenter, xs:np.ndarray, # prepared images of one size, B×H×W
 
 # %% ../nbs/06_inference.ipynb #9bac9987
 @patch
-def _tiles(self:Segmenter, n):
-    "Start positions of overlapping tiles covering a side of length `n`"
-    if n<=self.tile: return [0]
-    return sorted(set(list(range(0, n-self.tile, self.tile-self.overlap)) + [n-self.tile]))
+def _tiles(self:Segmenter, n:int, # length of a side
+           stride:int=32, # the tiles' side is rounded up to a multiple of this (the network's)
+          )->tuple: # start positions, and the tiles' side
+    "Fewest tiles of at most `tile` pixels covering a side of `n`, all of one side, evenly spread and overlapping by at least `overlap`"
+    if n<=self.tile: return [0],n
+    k = -(-(n-self.overlap)//(self.tile-self.overlap))
+    size = min(self.tile, -(-(n+(k-1)*self.overlap)//(k*stride))*stride)
+    return (np.arange(k)*(n-size)//(k-1)).tolist(),size
 
 @patch
 def predict_probs(self:Segmenter, img, # image path, bytes or array
@@ -164,12 +169,13 @@ def predict_probs(self:Segmenter, img, # image path, bytes or array
     h,w = a.shape[:2]
     if h<=self.tile and w<=self.tile: return self._probs(self.prepare(a, st)[None])[0]
     out,cnt = None,np.zeros((h,w), np.uint8)
-    for i in self._tiles(h):
-        for j in self._tiles(w):
-            p = self._probs(self.prepare(a[i:i+self.tile, j:j+self.tile], st)[None])[0]
+    (ys,th),(xs,tw) = self._tiles(h),self._tiles(w)
+    for i in ys:
+        for j in xs:
+            p = self._probs(self.prepare(a[i:i+th, j:j+tw], st)[None])[0]
             if out is None: out = np.zeros((p.shape[0],h,w), np.float16)  # half the memory; plenty for thresholds
-            out[:, i:i+self.tile, j:j+self.tile] += p
-            cnt[i:i+self.tile, j:j+self.tile] += 1
+            out[:, i:i+th, j:j+tw] += p
+            cnt[i:i+th, j:j+tw] += 1
     out /= cnt
     return out
 

@@ -55,7 +55,7 @@ class ThresholdNet(nn.Module):
 
 def seam_distance(seg, h, w) -> np.ndarray:
     "Distance of every pixel from the nearest tile edge inside the image (`Segmenter._tiles`)."
-    def edges(n): return sorted({e for i in seg._tiles(n) for e in (i, i+seg.tile)} - {0, n}) or [10**9]
+    def edges(n): starts,size = seg._tiles(n); return sorted({e for i in starts for e in (i, i+size)} - {0, n}) or [10**9]
     dy = np.abs(np.arange(h)[:, None] - np.array(edges(h))[None]).min(1)
     dx = np.abs(np.arange(w)[:, None] - np.array(edges(w))[None]).min(1)
     return np.minimum(dy[:, None], dx[None])
@@ -119,12 +119,16 @@ def test_padding_to_the_stride(random_model):
 
 # ---------- tiles ----------
 def test_tile_positions_cover_the_image():
+    "The fewest tiles of at most `tile` pixels, all of one side (a multiple of 32), from the first pixel to the last, overlapping by `overlap` or more"
     seg = Segmenter(LocalNet(), model_config(), tile=64, overlap=16, device='cpu')
-    assert seg._tiles(150) == [0, 48, 86] and seg._tiles(64) == [0] and seg._tiles(65) == [0, 1]
+    assert seg._tiles(150) == ([0, 43, 86], 64) and seg._tiles(64) == ([0], 64) and seg._tiles(65) == ([0, 1], 64)
+    assert Segmenter(LocalNet(), model_config(), device='cpu')._tiles(2048) == ([0, 656, 1312], 736)   # not 3 of 1024
     for n in range(65, 400, 7):
-        starts = seg._tiles(n)
-        assert starts[0] == 0 and starts[-1] == n - 64
-        assert all(0 < b - a <= 64 - 16 for a, b in zip(starts, starts[1:]))   # overlap at least 16, no gap
+        starts, size = seg._tiles(n)
+        assert starts[0] == 0 and starts[-1] + size == n and size <= 64 and size % 32 == 0
+        assert all(16 <= a + size - b < size for a, b in zip(starts, starts[1:]))   # overlap at least 16, no gap
+        k = len(starts)
+        assert (k-1)*64 - (k-2)*16 < n                    # one tile fewer, even of the largest side, would not cover it
 
 
 @pytest.mark.parametrize('shape,tile,overlap', [((192, 288), 96, 32), ((1088, 1120), 1024, 64)])
@@ -138,7 +142,7 @@ def test_tiles_match_whole_image_away_from_seams(shape, tile, overlap):
     whole = Segmenter(LocalNet(), model_config(), tta=False, tile=max(shape), device='cpu')
     tiled = Segmenter(LocalNet(), model_config(), tta=False, tile=tile, overlap=overlap, device='cpu')
     a, b = whole.predict_probs(img), tiled.predict_probs(img)
-    assert len(tiled._tiles(shape[0])) > 1 and len(tiled._tiles(shape[1])) > 1
+    assert len(tiled._tiles(shape[0])[0]) > 1 and len(tiled._tiles(shape[1])[0]) > 1
     d, dist = np.abs(a - b).max(0), seam_distance(tiled, *shape)
     assert d[dist > LocalNet.radius].max() < 1e-3
     assert d[dist <= LocalNet.radius].max() > 0.05   # teeth: the seams are visible to this comparison
