@@ -335,8 +335,9 @@ def nucleus_learner(dls, # `DataLoaders` from `dsb_dataloaders` (images and clas
                          target=_target_of(codes), classes=codes, pretrained=sd is not None,
                          input=dict(mode=getattr(dls, 'input_mode', 'grey'), mean=norm.mean.flatten().tolist(),
                                     std=norm.std.flatten().tolist()), **({'pad_in': pad_in} if pad_in else {}))
-    if torch.device(ifnone(dls.device, 'cpu')).type=='cpu': keep_freed_memory()  # 1.13 times the training speed (above)
-    mixed = ifnone(mixed_precision, torch.device(ifnone(dls.device, 'cpu')).type=='cuda')
+    kind = torch.device(ifnone(dls.device, 'cpu')).type
+    if kind=='cpu': keep_freed_memory()  # freed activations reused, not mapped again (see `keep_freed_memory`)
+    mixed = ifnone(mixed_precision, kind=='cuda')
     if mixed: learn.to_channelslast(amp_mode=AMPMode.BF16).add_cb(BF16Input())
     elif channels_last: learn.to_channelslast(use_amp=False)
     if mixed or channels_last: learn.add_cb(ChannelsLastInput())
