@@ -81,7 +81,7 @@ class Segmenter:
         self.post = {**config.get('postprocess', {}), **post}
         self.device = torch.device(ifnone(device, 'cuda' if torch.cuda.is_available() else 'cpu'))
         self.cuda = self.device.type=='cuda'
-        if self.device.type=='cpu': keep_freed_memory()  # large blocks kept for reuse: 1.6-2 times the speed (05_learner)
+        if self.device.type=='cpu': keep_freed_memory()  # freed activations reused, not mapped again (see `keep_freed_memory`)
         self.bf16 = ifnone(bf16, self.cuda)
         self.batch_px = batch_px or (2**24 if self.cuda else 2**20)
         self.bs = ifnone(bs, 16 if self.cuda else 4)
